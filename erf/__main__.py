@@ -1,0 +1,4 @@
+"""``python -m erf`` runs the command-line interface."""
+from erf.cli import main_entry
+
+main_entry()
