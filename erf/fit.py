@@ -28,6 +28,8 @@ __all__ = ["AREA_THRESHOLDS", "FitWarning", "GaussianFit", "Moments", "fit_gauss
 AREA_THRESHOLDS: tuple[float, ...] = (0.2, 0.3, 0.5, 0.99)
 
 _MAX_FIT_POINTS = 1 << 17
+_MAX_NFEV = 200
+_MAX_SIGMA_FACTOR = 10.0  # a fitted sigma beyond 10 map sides means there is no peak
 
 
 class FitWarning(UserWarning):
@@ -340,9 +342,10 @@ def _fit(arr: np.ndarray) -> GaussianFit | None:
     def jac(p: np.ndarray) -> np.ndarray:
         return _jacobian(p, X)
 
-    res = least_squares(residual, p0, jac=jac, method="lm", xtol=1e-10, ftol=1e-10, gtol=1e-10)
+    res = least_squares(residual, p0, jac=jac, method="lm", xtol=1e-10, ftol=1e-10, gtol=1e-10,
+                        max_nfev=_MAX_NFEV)
     if res.status <= 0 or not np.all(np.isfinite(res.x)):
-        res = least_squares(residual, p0, jac=jac, method="trf", x_scale="jac")
+        res = least_squares(residual, p0, jac=jac, method="trf", x_scale="jac", max_nfev=_MAX_NFEV)
     p = res.x
     if res.status <= 0 or not np.all(np.isfinite(p)):
         _warn(f"optimiser failed: {res.message}")
@@ -353,6 +356,9 @@ def _fit(arr: np.ndarray) -> GaussianFit | None:
         _warn("the optimum is not a finite positive Gaussian")
         return None
     major, minor, theta = _principal(cov)
+    if major > _MAX_SIGMA_FACTOR * max(arr.shape) or not np.all(np.abs(mu) < 10 * max(arr.shape)):
+        _warn(f"the fit diverged (sigma_major {major:.3g} px on a map of shape {arr.shape}): no peak")
+        return None
 
     # r2 on the whole map, in its own units
     Xall = np.indices(arr.shape).reshape(d, -1).T.astype(np.float64)
