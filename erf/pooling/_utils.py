@@ -1,0 +1,45 @@
+"""Small helpers shared by the pooling families (private)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def pair(value: int | Sequence[int]) -> tuple[int, int]:
+    """``(v, v)`` for an int, the pair itself for a 2-sequence."""
+    if isinstance(value, (int, float)):
+        return (value, value)
+    value = tuple(value)
+    if len(value) != 2:
+        raise ValueError(f"expected an int or 2 values, got {value}")
+    return value
+
+
+def check_positive(name: str, value) -> None:
+    """``ValueError`` unless every entry of ``value`` is a positive number."""
+    vals = pair(value)
+    if any((not isinstance(v, (int, float))) or isinstance(v, bool) or v <= 0 for v in vals):
+        raise ValueError(f"{name} must be positive, got {value!r}")
+
+
+def check_4d(x: torch.Tensor, name: str = "input") -> None:
+    """``ValueError`` unless ``x`` is a ``(N, C, H, W)`` tensor."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a tensor of shape (N, C, H, W), got {shape}")
+
+
+def windows(x: torch.Tensor, kernel_size, stride, padding=0, pad_value: float = 0.0) -> torch.Tensor:
+    """Pooling windows of ``x`` as a ``(N, C, H_out, W_out, kh * kw)`` tensor (row-major taps).
+
+    ``x`` is padded with ``pad_value`` (``nan`` / ``-inf`` mark positions outside the input).
+    """
+    kh, kw = pair(kernel_size)
+    sh, sw = pair(stride)
+    ph, pw = pair(padding)
+    if ph or pw:
+        x = F.pad(x, (pw, pw, ph, ph), value=pad_value)
+    u = x.unfold(2, kh, sh).unfold(3, kw, sw)
+    return u.reshape(*u.shape[:4], kh * kw)

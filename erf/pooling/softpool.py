@@ -1,0 +1,59 @@
+"""SoftPool: softmax-weighted pooling.
+
+Stergiou, Poppe & Kalliatakis, "Refining activation downsampling with SoftPool", ICCV 2021.
+https://arxiv.org/abs/2101.00440 (reference code: https://github.com/alexandrosstergiou/SoftPool;
+its CUDA backward drops a term: here autograd gives the true gradient).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..rfrule import RFRule
+from ._registry import register
+from ._utils import check_positive, windows
+
+
+def soft_pool2d(x: torch.Tensor, kernel_size=2, stride=None, padding=0) -> torch.Tensor:
+    """``y = sum_R e^a a / sum_R e^a = sum_R softmax_R(a) a`` (per-window max subtracted).
+
+    Padded positions are excluded (weight 0).
+
+    Args:
+        x (Tensor[N, C, H, W]): input.
+    Returns:
+        Tensor[N, C, H', W'].
+    """
+    stride = kernel_size if stride is None else stride
+    win = windows(x, kernel_size, stride, padding, pad_value=float("-inf"))
+    w = torch.softmax(win, dim=-1)  # subtracts the window max internally
+    if padding:
+        win = torch.where(torch.isinf(win), torch.zeros_like(win), win)
+    return (w * win).sum(-1)
+
+
+class SoftPool2d(nn.Module):
+    """See :func:`soft_pool2d`."""
+
+    def __init__(self, kernel_size=2, stride=None, padding=0) -> None:
+        super().__init__()
+        check_positive("kernel_size", kernel_size)
+        self.kernel_size, self.padding = kernel_size, padding
+        self.stride = kernel_size if stride is None else stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return soft_pool2d(x, self.kernel_size, self.stride, self.padding)
+
+    def rf_rule(self) -> RFRule:
+        return RFRule.make(self.kernel_size, self.stride, self.padding)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+@register("softpool", kind="data-dependent", locality="local", rf="k2 s2",
+          paper="Stergiou et al., SoftPool, ICCV 2021. https://arxiv.org/abs/2101.00440")
+def _make_softpool(channels: int, stride: int = 2, **kw) -> nn.Module:
+    """SoftPool: softmax(x)-weighted sum over each window."""
+    kw.setdefault("kernel_size", 2)
+    return SoftPool2d(stride=stride, **kw)
