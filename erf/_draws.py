@@ -1,0 +1,108 @@
+"""Random weight draws: how draw ``d`` of a run initialises its copy of the model.
+
+- ``"default"``: a factory is called under the draw's seed (the model's own
+  initialisation); a module gets ``reset_parameters()`` of every submodule under the
+  draw's seed. With ``draws=1`` and a module the given weights are used as they are.
+- ``"ones"``: weights of convolution and linear layers 1, biases 0 (Luo et al.'s uniform case).
+- ``"normal"``: those weights N(0, 1/fan_in), biases 0.
+- a callable ``(module, generator) -> None`` applied to every submodule (like ``Module.apply``).
+Modules of :mod:`erf.pooling` and normalisation layers keep their own initialisation under
+``"ones"`` and ``"normal"``.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from erf._rng import generator, key_seed
+
+INITS = ("default", "ones", "normal")
+_WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+
+def _is_pooling(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("erf.pooling")
+
+
+def _inside_pooling(model: nn.Module) -> set[int]:
+    """ids of modules that live inside an erf.pooling module (e.g. LIP's logit conv)."""
+    inside: set[int] = set()
+    for m in model.modules():
+        if _is_pooling(m):
+            inside.update(id(c) for c in m.modules())
+    return inside
+
+
+def set_uniform_weights(model: nn.Module, value: float = 1.0) -> None:
+    """Conv/linear weights ``value``, biases 0 (outside erf.pooling modules)."""
+    skip = _inside_pooling(model)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, _WEIGHTED) and id(m) not in skip:
+                m.weight.fill_(value)
+                if m.bias is not None:
+                    m.bias.zero_()
+
+
+def set_normal_weights(model: nn.Module, gen: torch.Generator) -> None:
+    """Conv/linear weights N(0, 1/fan_in), biases 0 (outside erf.pooling modules)."""
+    skip = _inside_pooling(model)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, _WEIGHTED) and id(m) not in skip:
+                fan_in, _ = nn.init._calculate_fan_in_and_fan_out(m.weight)
+                w = torch.randn(m.weight.shape, generator=gen, dtype=torch.float32)
+                m.weight.copy_(w / math.sqrt(max(fan_in, 1)))
+                if m.bias is not None:
+                    m.bias.zero_()
+
+
+class DrawMaker:
+    """Builds the model of each draw on the host, deterministically from ``(seed, draw)``."""
+
+    def __init__(self, model: nn.Module | Callable[[], nn.Module], init: Any, seed: int, draws: int):
+        self.is_factory = not isinstance(model, nn.Module)
+        self.model, self.init, self.seed, self.draws = model, init, seed, draws
+        if not self.is_factory:
+            self.template = copy.deepcopy(model)  # the caller's model is never touched
+
+    @property
+    def reinitialises(self) -> bool:
+        return self.is_factory or self.init != "default" or self.draws > 1
+
+    def build(self, draw: int) -> nn.Module:
+        """The model of draw ``draw`` (a fresh module on the CPU)."""
+        s = key_seed(self.seed, "weights", draw)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s)
+            if self.is_factory:
+                model = self.model()
+                if not isinstance(model, nn.Module):
+                    raise TypeError(f"model factory must return an nn.Module, got {type(model).__name__}")
+            else:
+                model = copy.deepcopy(self.template)
+                if self.init == "default" and self.draws > 1:
+                    for m in model.modules():
+                        reset = getattr(m, "reset_parameters", None)
+                        if callable(reset):
+                            reset()
+        if self.init == "ones":
+            set_uniform_weights(model)
+        elif self.init == "normal":
+            set_normal_weights(model, generator(self.seed, "normal", draw))
+        elif callable(self.init):
+            g = generator(self.seed, "init", draw)
+            for m in model.modules():
+                self.init(m, g)
+        return model
+
+
+def describe_init(init: Any) -> str:
+    if isinstance(init, str):
+        return init
+    return getattr(init, "__qualname__", type(init).__name__)
