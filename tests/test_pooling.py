@@ -542,3 +542,13 @@ def test_validation_errors():
         S3Pool2d(grid_size=3)
     with pytest.raises(ValueError):
         MixedPool2d(p_max=2.0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bfloat16_runs(name):
+    m = _make(name).to(torch.bfloat16)
+    x = (_input(2, C, 16, 16, seed=26) * 1000).to(torch.bfloat16).requires_grad_(True)
+    y = m(x)
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    y.float().sum().backward()
+    assert torch.isfinite(x.grad).all()

@@ -30,6 +30,17 @@ def _whole_boxes(x: torch.Tensor, inclusive: bool) -> torch.Tensor:
     return torch.cat([idx, box], 1)
 
 
+def _low_precision_safe(op, x, boxes, *args):
+    """Run ``op`` in float32 for bfloat16/float16 inputs on CPU (no kernels there)."""
+    if x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu":
+        if isinstance(boxes, torch.Tensor):
+            boxes = boxes.float()
+        else:
+            boxes = [b.float() for b in boxes]
+        return op(x.float(), boxes, *args).to(x.dtype)
+    return op(x, boxes, *args)
+
+
 class RoIPool2d(nn.Module):
     """RoI max pooling (``torchvision.ops.roi_pool``): max into ``output_size`` bins of each box.
 
@@ -45,7 +56,7 @@ class RoIPool2d(nn.Module):
     def forward(self, x: torch.Tensor, boxes=None) -> torch.Tensor:
         if boxes is None:
             boxes = _whole_boxes(x, inclusive=True)
-        return self._op(x, boxes, self.output_size, self.spatial_scale)
+        return _low_precision_safe(self._op, x, boxes, self.output_size, self.spatial_scale)
 
     def rf_rule(self) -> RFRule:
         return RFRule.global_(note="box-based: the unit's field is its box (default whole map)")
@@ -67,8 +78,8 @@ class RoIAlign2d(nn.Module):
     def forward(self, x: torch.Tensor, boxes=None) -> torch.Tensor:
         if boxes is None:
             boxes = _whole_boxes(x, inclusive=not self.aligned)
-        return self._op(x, boxes, self.output_size, self.spatial_scale, self.sampling_ratio,
-                        self.aligned)
+        return _low_precision_safe(self._op, x, boxes, self.output_size, self.spatial_scale,
+                                   self.sampling_ratio, self.aligned)
 
     def rf_rule(self) -> RFRule:
         return RFRule.global_(note="box-based: the unit's field is its box (default whole map)")

@@ -43,7 +43,8 @@ def spectral_pool2d(x: torch.Tensor, output_size) -> torch.Tensor:
     """
     h, w = pair(output_size)
     H, W = x.shape[-2:]
-    z = torch.fft.fft2(x)
+    low = x.dtype in (torch.float16, torch.bfloat16)  # no FFT kernels for those on CPU
+    z = torch.fft.fft2(x.float() if low else x)
     z = _crop_freq(_crop_freq(z, h, -2), w, -1)
     return (torch.fft.ifft2(z).real * (h * w / (H * W))).to(x.dtype)
 
