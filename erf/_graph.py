@@ -496,7 +496,7 @@ _POINTWISE = {
     "reciprocal", "lt", "gt", "le", "ge", "eq", "ne", "masked_fill", "nan_to_num", "threshold",
     "logsigmoid", "hardshrink", "softshrink", "tanhshrink", "rrelu", "prelu", "expand", "expand_as",
     "broadcast_to", "add_", "addcmul", "addcdiv", "lerp", "channel_shuffle", "native_channel_shuffle",
-    "local_response_norm", "requires_grad_", "cpu", "cuda",
+    "local_response_norm", "requires_grad_", "cpu", "cuda", "stochastic_depth", "drop_path",
 }
 _REDUCE = {"mean", "sum", "amax", "amin", "max", "min", "std", "var", "prod", "norm", "logsumexp",
            "median", "nanmean", "nansum", "all", "any", "argmax", "argmin", "count_nonzero", "std_mean",
@@ -553,26 +553,45 @@ class _Tracer(fx.Tracer):
 
 
 def _meta_shape(node) -> Any:
-    tm = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    if tm is None:
-        return None
-    if hasattr(tm, "shape"):
-        return tuple(tm.shape)
-    if isinstance(tm, (tuple, list)) and all(hasattr(t, "shape") for t in tm):
-        return [tuple(t.shape) for t in tm]
-    return None
+    return node.meta.get("erf_shape") if isinstance(node, fx.Node) else None
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the graph and stores each node's output shape (a list for tuples of tensors)."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        res = super().run_node(n)
+        if isinstance(res, torch.Tensor):
+            n.meta["erf_shape"] = tuple(res.shape)
+        elif isinstance(res, (tuple, list)) and res and all(isinstance(t, torch.Tensor) for t in res):
+            n.meta["erf_shape"] = [tuple(t.shape) for t in res]
+        else:
+            n.meta.pop("erf_shape", None)
+        return res
+
+
+def propagate_shapes(gm: fx.GraphModule, x: torch.Tensor) -> None:
+    """Shapes of every node: with fake tensors (no compute) when the graph allows it, else one
+    real forward pass without gradients."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            _ShapeRecorder(gm).run(mode.from_tensor(x))
+        return
+    except Exception:
+        pass
+    with torch.no_grad():
+        _ShapeRecorder(gm).run(x)
 
 
 def build_fx(model: nn.Module, x: torch.Tensor) -> Graph:
     """Trace ``model`` with torch.fx (leaves: modules with ``rf_rule`` and torch.nn layers) and
     propagate shapes with one forward pass on ``x``."""
-    from torch.fx.passes.shape_prop import ShapeProp
-
     tracer = _Tracer()
     graph = tracer.trace(model)
     gm = fx.GraphModule(tracer.root, graph)
-    with torch.no_grad():
-        ShapeProp(gm).propagate(x)
+    propagate_shapes(gm, x)
     modules = dict(gm.named_modules())
     ops: list[Op] = []
     index: dict[fx.Node, int] = {}

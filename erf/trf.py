@@ -1,0 +1,398 @@
+"""Theoretical receptive field of one unit, on the real graph of a network.
+
+Araujo, Norris & Sim, "Computing Receptive Fields of Convolutional Neural Networks",
+Distill 2019. https://distill.pub/2019/computing-receptive-fields/
+
+The graph (torch.fx with ShapeProp; forward hooks over leaf modules where tracing fails) is
+walked twice: forward, composing per axis size r, jump j and start -P for the table
+(r' = r + (k_eff - 1) j, j' = s j, P' = P + p j, k_eff = d (k - 1) + 1), and backward, carrying
+the exact input-index interval seen by the unit through every node in reverse topological order
+(hull at fan-out), which gives ``region`` exactly for irregular windows and multi-path graphs.
+:func:`empirical_trf` measures the support of the unit's gradient as a cross-check.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _graph as G
+
+__all__ = ["RFReport", "EmpiricalTRF", "theoretical_rf", "empirical_trf"]
+
+
+def _num(v):
+    """int when integral, else float (JSON-friendly)."""
+    if v is None:
+        return None
+    f = float(v)
+    return int(round(f)) if abs(f - round(f)) < 1e-9 else f
+
+
+@dataclass
+class RFReport:
+    """Theoretical receptive field of one unit (see :func:`theoretical_rf`).
+
+    Per spatial axis (array order) tuples: ``size`` (the region's side), ``jump`` (effective
+    stride), ``padding`` (effective padding P: unit u sees ``u*jump - P .. u*jump - P + size - 1``),
+    ``region`` ((first, last) inclusive, may lie outside the input), ``center`` (may be a
+    half-integer). ``jump``/``padding`` entries are ``None`` for an axis the layer's output lacks.
+    ``is_global``: the unit sees the whole input (global pooling, gates, norms over space);
+    ``local_size``/``local_region``: the field with those global statistics held constant
+    (``None`` when nothing local remains). ``aligned``: False when paths disagree in jump or
+    centre (``misaligned`` names the nodes). ``croppable``: finite, aligned, no global, unknown or
+    batch-coupled layer before the unit. ``unknown``: layers without a rule (assumed pointwise when
+    they keep the shape, else global).
+    """
+
+    input_shape: tuple
+    layer: str | None
+    unit: tuple
+    size: tuple
+    jump: tuple
+    padding: tuple
+    region: tuple
+    center: tuple
+    is_global: bool
+    local_size: tuple | None
+    local_region: tuple | None
+    aligned: bool
+    croppable: bool
+    misaligned: list = field(default_factory=list)
+    global_layers: list = field(default_factory=list)
+    unknown: list = field(default_factory=list)
+    rows: list = field(default_factory=list)
+    method: str = "fx"
+
+    def table(self) -> list[dict]:
+        """One row per layer on the unit's paths: name, type, kernel, stride, dilation, padding,
+        size, jump, start (per axis; start = -P of that layer's output 0), note."""
+        return [dict(r) for r in self.rows]
+
+    def to_text(self) -> str:
+        """The report as aligned text: summary lines, then the table."""
+        def fmt(v):
+            if v is None:
+                return "-"
+            if isinstance(v, (tuple, list)):
+                return "x".join(fmt(x) for x in v) if not any(isinstance(x, (tuple, list)) for x in v) \
+                    else " ".join(f"[{fmt(x[0])},{fmt(x[1])}]" for x in v)
+            return f"{v:g}" if isinstance(v, float) else str(v)
+
+        lines = [f"Theoretical receptive field of unit {self.unit} of {self.layer or 'output'} "
+                 f"(input {fmt(tuple(self.input_shape))}, graph by {self.method})",
+                 f"  size {fmt(self.size)}  jump {fmt(self.jump)}  padding {fmt(self.padding)}  "
+                 f"region {fmt(self.region)}  center {fmt(self.center)}"]
+        if self.is_global:
+            lines.append(f"  global (via {', '.join(self.global_layers[:4])}); local size "
+                         f"{fmt(self.local_size)} region {fmt(self.local_region)}")
+        if not self.aligned:
+            lines.append(f"  MISALIGNED paths at {', '.join(self.misaligned)}")
+        if self.unknown:
+            lines.append(f"  unknown layers: {', '.join(self.unknown)}")
+        lines.append(f"  croppable: {self.croppable}")
+        cols = ["name", "type", "kernel", "stride", "dilation", "padding", "size", "jump", "start", "note"]
+        cells = [cols] + [[fmt(r.get(c)) if c not in ("name", "type", "note") else str(r.get(c) or "")
+                           for c in cols] for r in self.rows]
+        widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+        for row in cells:
+            lines.append("  " + "  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+        return "\n".join(lines)
+
+    __str__ = to_text
+
+    def to_dict(self) -> dict:
+        """A JSON-able dict (tuples become lists); :meth:`from_dict` restores an equal report."""
+        return _jsonable(asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RFReport":
+        """Inverse of :meth:`to_dict`."""
+        def tup(v):
+            if isinstance(v, list):
+                return tuple(tup(x) for x in v)
+            return v
+
+        kw = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        for k in ("input_shape", "unit", "size", "jump", "padding", "region", "center",
+                  "local_size", "local_region"):
+            if kw.get(k) is not None:
+                kw[k] = tup(kw[k])
+        kw["rows"] = [{k: tup(v) for k, v in r.items()} for r in kw.get("rows", [])]
+        return cls(**kw)
+
+
+def _jsonable(v):
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    return v
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+
+
+def _check_model(model) -> nn.Module:
+    if isinstance(model, nn.Module):
+        return model
+    if callable(model):
+        m = model()
+        if isinstance(m, nn.Module):
+            return m
+        raise TypeError(f"model factory must return an nn.Module, got {type(m).__name__}")
+    raise TypeError(f"model must be an nn.Module or a factory, got {type(model).__name__}")
+
+
+def _check_shape(input_shape) -> tuple[int, ...]:
+    if not isinstance(input_shape, (tuple, list)) or not 2 <= len(input_shape) <= 4 or any(
+            not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1 for v in input_shape):
+        raise ValueError(f"input_shape must be (C, L), (C, H, W) or (C, D, H, W) of positive ints, "
+                         f"got {input_shape!r}")
+    return tuple(int(v) for v in input_shape)
+
+
+def _layer_path(model: nn.Module, layer) -> str | None:
+    if layer is None:
+        return None
+    if isinstance(layer, nn.Module):
+        for path, m in model.named_modules():
+            if m is layer:
+                return path
+        raise ValueError("layer is a module that is not part of model")
+    if not isinstance(layer, str):
+        raise TypeError(f"layer must be None, a module path string or a module, got {type(layer).__name__}")
+    names = dict(model.named_modules())
+    if layer not in names:
+        close = [n for n in names if n and (n.startswith(layer) or layer.startswith(n))][:5]
+        raise ValueError(f"layer {layer!r} is not a module path of model"
+                         + (f"; close: {', '.join(close)}" if close else ""))
+    return layer
+
+
+def _check_unit(unit, sizes: Sequence[int]) -> tuple[int, ...]:
+    """Normalise ``unit`` against the spatial sizes of the layer output (negative from the end)."""
+    n = len(sizes)
+    if unit is None:
+        return tuple(s // 2 for s in sizes)
+    if isinstance(unit, (int, np.integer)) and not isinstance(unit, bool):
+        unit = (int(unit),)
+    if not isinstance(unit, (tuple, list)) or len(unit) != n or any(
+            not isinstance(u, (int, np.integer)) or isinstance(u, bool) for u in unit):
+        raise ValueError(f"unit must be {n} int(s) (the layer output has spatial size {tuple(sizes)}), got {unit!r}")
+    out = []
+    for u, s in zip(unit, sizes):
+        u = int(u) + (s if u < 0 else 0)
+        if not 0 <= u < s:
+            raise ValueError(f"unit {tuple(unit)} is outside the layer output of spatial size {tuple(sizes)}")
+        out.append(u)
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------------------------
+# analysis
+
+
+def _build(model: nn.Module, input_shape: tuple) -> G.Graph:
+    x = torch.rand((1,) + input_shape)
+    try:
+        graph = G.build_fx(model, x)
+    except Exception as exc:  # tracing fails on data-dependent Python control flow
+        graph = G.build_hooks(model, x, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    return graph
+
+
+def _forward(ops: list[G.Op]):
+    """Per op and axis (r, j, start, glob); ops where paths disagree in jump or centre."""
+    fwd: list[dict] = []
+    misaligned: set[int] = set()
+    for i, op in enumerate(ops):
+        if i == 0:
+            fwd.append({a: (1, 1, 0, False) for a in op.axes})
+            continue
+        out = {}
+        for a in op.axes:
+            cands = []
+            for p, src in enumerate(op.inputs):
+                if a not in ops[src].axes or a not in fwd[src]:
+                    continue
+                rule = op.rules[p].get(a, G.IDENTITY)
+                r, j, s, g = fwd[src][a]
+                r2, j2, s2 = rule.compose(r, j, s)
+                cands.append((r2, j2, s2, g or rule.is_global, isinstance(rule, G.Bcast)))
+            if not cands:
+                out[a] = (1, 1, 0, True)
+                continue
+            regular = [c for c in cands if not c[3] and not c[4]]
+            if len(regular) > 1:
+                j0 = regular[0][1]
+                for r, j, s, _, _ in regular[1:]:
+                    if abs(j - j0) > 1e-9 or abs((s + (r - 1) / 2) - (regular[0][2] + (regular[0][0] - 1) / 2)) > 1e-9:
+                        misaligned.add(i)
+            base = regular or cands
+            start = min(c[2] for c in base)
+            end = max(c[2] + c[0] - 1 for c in base)
+            out[a] = (end - start + 1, base[0][1], start, any(c[3] for c in cands))
+        fwd.append(out)
+    return fwd, misaligned
+
+
+def _backward(ops: list[G.Op], target: int, unit_iv: dict, local: bool):
+    """Exact input interval per axis seen by the unit; the ops reached and the global ones used."""
+    need: list[dict | None] = [None] * len(ops)
+    need[target] = dict(unit_iv)
+    used_global: list[int] = []
+    for i in range(target, 0, -1):
+        if need[i] is None:
+            continue
+        op = ops[i]
+        for p, src in enumerate(op.inputs):
+            rules = op.rules[p]
+            if local:
+                if op.local_rules is not None:
+                    rules = op.local_rules[p]
+                    if rules is None:
+                        continue
+                elif any(r.is_global for r in rules.values()):
+                    continue
+            s_op = ops[src]
+            iv = {}
+            hit_global = False
+            for a, d in s_op.axes.items():
+                rule = rules.get(a, G.IDENTITY)
+                if a in need[i]:
+                    got = rule.back(*need[i][a])
+                elif isinstance(rule, (G.Glob, G.Fixed, G.Bcast)):
+                    got = rule.back(0, 0)
+                else:
+                    got = (0, s_op.shape[d] - 1)
+                if got is None:
+                    iv = None
+                    break
+                hit_global |= rule.is_global
+                iv[a] = got
+            if iv is None:
+                continue
+            if hit_global:
+                used_global.append(i)
+            cur = need[src]
+            if cur is None:
+                need[src] = iv
+            else:
+                need[src] = {a: (min(cur[a][0], iv[a][0]), max(cur[a][1], iv[a][1])) for a in iv}
+    return need, used_global
+
+
+def _rule_info(rule: G.Rule) -> tuple:
+    return (_num(rule.kernel), _num(rule.stride), _num(rule.dilation), _num(rule.padding))
+
+
+def theoretical_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequence[int],
+                   layer: str | nn.Module | None = None,
+                   unit: int | Sequence[int] | None = None) -> RFReport:
+    """Analytic receptive field of one unit on the real graph of ``model``.
+
+    Per axis (Araujo et al., Distill 2019, https://distill.pub/2019/computing-receptive-fields/):
+    ``r_out = r_in + (k_eff - 1) j_in``, ``j_out = s j_in``, ``P_out = P_in + p j_in``; unit ``u``
+    sees ``u j - P .. u j - P + r - 1``, exactly back-propagated through branches (hull of the
+    paths), irregular windows and modules declaring ``rf_rule`` / ``rf_input_span``.
+
+    Args:
+        model: an ``nn.Module`` (not modified: a deep copy is analysed in eval mode) or a factory.
+        input_shape: ``(C, L)``, ``(C, H, W)`` or ``(C, D, H, W)``.
+        layer: module path (``"layer4.1.conv2"``) or module whose output holds the unit; default
+            the model output.
+        unit: spatial index in that output; default the centre ``n // 2``; negative from the end.
+    Returns:
+        :class:`RFReport`.
+    Raises:
+        TypeError / ValueError: naming the bad argument.
+    """
+    model = _check_model(model)
+    input_shape = _check_shape(input_shape)
+    path = _layer_path(model, layer)
+    was_training = model.training
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    # the copy shares parameter and buffer storage: the analysis reads them, never writes
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    work = copy.deepcopy(model, memo).eval()
+    try:
+        graph = _build(work, input_shape)
+    except Exception as exc:
+        raise ValueError(f"model cannot run on input_shape {input_shape}: {exc}") from exc
+    for msg in graph.warnings:
+        warnings.warn(msg, stacklevel=2)
+    ops = graph.ops
+    if path is None:
+        if graph.output is None:
+            raise ValueError("the model output is not a single tensor: pass layer=")
+        target = graph.output
+    else:
+        if path not in graph.module_outputs:
+            raise ValueError(f"layer {path!r} produces no tensor on the input's path (or returns a tuple)")
+        target = graph.module_outputs[path]
+    t_op = ops[target]
+    spatial = sorted(t_op.axes.items(), key=lambda kv: kv[1])
+    sizes = [t_op.shape[d] for _, d in spatial]
+    u = _check_unit(unit, sizes)
+    unit_iv = {a: (ui, ui) for (a, _), ui in zip(spatial, u)}
+
+    fwd, misaligned = _forward(ops)
+    need, used_global = _backward(ops, target, unit_iv, local=False)
+    need_l, _ = _backward(ops, target, unit_iv, local=True)
+    n_ax = len(input_shape) - 1
+    if need[0] is None:
+        raise ValueError(f"unit {u} of {path or 'the output'} does not depend on the input")
+    region = tuple((need[0][a][0], need[0][a][1]) for a in range(n_ax))
+    size = tuple(b - a + 1 for a, b in region)
+    center = tuple(_num((a + b) / 2) for a, b in region)
+    jump = tuple(_num(fwd[target][a][1]) if a in fwd[target] else None for a in range(n_ax))
+    padding = tuple(_num(-fwd[target][a][2]) if a in fwd[target] else None for a in range(n_ax))
+    local_region = None if need_l[0] is None else tuple((need_l[0][a][0], need_l[0][a][1]) for a in range(n_ax))
+    local_size = None if local_region is None else tuple(b - a + 1 for a, b in local_region)
+
+    cone = [i for i in range(1, target + 1) if need[i] is not None]
+    is_global = bool(used_global)
+    mis = [ops[i].name for i in sorted(misaligned) if need[i] is not None]
+    unknown = sorted({f"{ops[i].name} ({ops[i].type})" for i in cone if ops[i].unknown})
+    if unknown:
+        warnings.warn(f"layers without a receptive-field rule (assumed pointwise when they keep the "
+                      f"shape, else global): {', '.join(unknown)}", stacklevel=2)
+    coupled = any(ops[i].batch_coupled for i in cone) or (was_training and has_bn)
+    croppable = (not is_global and not mis and not unknown and not coupled and graph.method == "fx")
+    rows = []
+    for i in cone:
+        op = ops[i]
+        trivial = all(r is G.IDENTITY for rs in op.rules for r in rs.values())
+        if not op.is_module and trivial and len(op.inputs) < 2:
+            continue
+        rules = op.rules[0] if op.rules else {}
+        info = [_rule_info(rules.get(a, G.IDENTITY)) for a in range(n_ax)]
+        f = fwd[i]
+        rows.append({
+            "name": op.name, "type": op.type,
+            "kernel": tuple(x[0] for x in info), "stride": tuple(x[1] for x in info),
+            "dilation": tuple(x[2] for x in info), "padding": tuple(x[3] for x in info),
+            "size": tuple(_num(f[a][0]) if a in f and not f[a][3] else None for a in range(n_ax)),
+            "jump": tuple(_num(f[a][1]) if a in f and not f[a][3] else None for a in range(n_ax)),
+            "start": tuple(_num(f[a][2]) if a in f and not f[a][3] else None for a in range(n_ax)),
+            "global": any(r.is_global for rs in op.rules for r in rs.values()),
+            "note": op.note,
+        })
+    return RFReport(input_shape=input_shape, layer=path, unit=u, size=size, jump=jump, padding=padding,
+                    region=region, center=center, is_global=is_global, local_size=local_size,
+                    local_region=local_region, aligned=not mis, croppable=croppable, misaligned=mis,
+                    global_layers=sorted({ops[i].name for i in used_global}, key=lambda n: n),
+                    unknown=unknown, rows=rows, method=graph.method)
