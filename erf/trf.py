@@ -396,3 +396,208 @@ def theoretical_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequ
                     local_region=local_region, aligned=not mis, croppable=croppable, misaligned=mis,
                     global_layers=sorted({ops[i].name for i in used_global}, key=lambda n: n),
                     unknown=unknown, rows=rows, method=graph.method)
+
+
+# --------------------------------------------------------------------------------------------
+# empirical support of the gradient
+
+
+@dataclass
+class EmpiricalTRF:
+    """Support of the unit's input gradient (see :func:`empirical_trf`).
+
+    ``mask``: boolean array on the input grid; ``region``: per-axis (first, last) of the
+    support's bounding box (``None`` when the support is empty); ``size``: its side per axis.
+    """
+
+    mask: np.ndarray
+    region: tuple | None
+    size: tuple | None
+    unit: tuple
+    layer: str | None
+    input_shape: tuple
+
+
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+                nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus,
+                nn.Softsign, nn.Threshold, nn.RReLU, nn.LogSigmoid, nn.Tanhshrink, nn.Hardshrink,
+                nn.Softshrink)
+
+
+def _dense_max(orig: Callable, nd: int, adaptive: bool) -> Callable:
+    """``orig`` (a max pooling functional) with a straight-through dense gradient: the value of
+    the max, plus ``avg - avg.detach()`` so every element of a window receives gradient."""
+
+    def fn(input, *args, **kwargs):
+        out = orig(input, *args, **kwargs)
+        vals = out[0] if isinstance(out, tuple) else out
+        if adaptive:
+            size = args[0] if args else kwargs["output_size"]
+            dense = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)[nd - 1](input, size)
+        else:
+            names = ("kernel_size", "stride", "padding", "dilation")
+            vals_ = dict(zip(names, args))
+            vals_.update({k: v for k, v in kwargs.items() if k in names})
+            k = G._tup(vals_["kernel_size"], nd)
+            s = vals_.get("stride")
+            s = G._tup(s if s not in (None, [], ()) else k, nd)
+            p = G._tup(vals_.get("padding", 0), nd)
+            d = G._tup(vals_.get("dilation", 1), nd)
+            c = input.shape[-nd - 1]
+            x = input.reshape((-1,) + tuple(input.shape[-nd - 1:]))
+            x = F.pad(x, _right_pad(k, d, nd))
+            w = torch.ones((c, 1) + k, dtype=input.dtype, device=input.device) / math.prod(k)
+            conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+            dense = conv(x, w, stride=s, padding=p, dilation=d, groups=c)
+            dense = dense[(Ellipsis,) + tuple(slice(0, n) for n in vals.shape[-nd:])]
+            dense = dense.reshape(vals.shape)
+        st = vals + (dense - dense.detach())
+        return (st,) + tuple(out[1:]) if isinstance(out, tuple) else st
+
+    return fn
+
+
+def _right_pad(k, d, nd) -> list[int]:
+    pad: list[int] = []
+    for t in reversed(range(nd)):
+        pad += [0, d[t] * k[t]]
+    return pad
+
+
+class _DenseMaxPatch:
+    """Context manager replacing ``F.max_pool*d`` and ``F.adaptive_max_pool*d`` by dense-gradient
+    versions (restored on exit, even after an error)."""
+
+    names = [(f"max_pool{n}d", n, False) for n in (1, 2, 3)] + [(f"adaptive_max_pool{n}d", n, True) for n in (1, 2, 3)]
+
+    def __enter__(self):
+        self.saved = {name: getattr(F, name) for name, _, _ in self.names}
+        for name, nd, adaptive in self.names:
+            setattr(F, name, _dense_max(self.saved[name], nd, adaptive))
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(F, name, fn)
+        return False
+
+
+def _positive_model(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Deep copy with activations replaced by identity, conv/linear weights positive and
+    normalised (each output averages its inputs), biases zero, norms reset to identity."""
+    m = copy.deepcopy(model).eval()
+    for path, mod in list(m.named_modules()):
+        for name, child in list(mod.named_children()):
+            if isinstance(child, _ACTIVATIONS):
+                setattr(mod, name, nn.Identity())
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear)) and \
+                    getattr(mod, "weight", None) is not None:
+                w = torch.rand(mod.weight.shape, generator=generator, dtype=torch.float64) + 0.5
+                out_dim = 1 if isinstance(mod, nn.modules.conv._ConvTransposeNd) else 0
+                dims = [d for d in range(w.dim()) if d != out_dim]
+                mod.weight.copy_(w / w.sum(dim=dims, keepdim=True))
+                if getattr(mod, "bias", None) is not None:
+                    mod.bias.zero_()
+            elif isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
+                                  nn.modules.instancenorm._InstanceNorm)):
+                if getattr(mod, "weight", None) is not None:
+                    mod.weight.fill_(1.0)
+                if getattr(mod, "bias", None) is not None:
+                    mod.bias.zero_()
+                if getattr(mod, "running_mean", None) is not None:
+                    mod.running_mean.zero_()
+                    mod.running_var.fill_(1.0)
+    return m
+
+
+class _Stop(Exception):
+    pass
+
+
+def empirical_trf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequence[int],
+                  layer: str | nn.Module | None = None, unit: int | Sequence[int] | None = None,
+                  hold_gates: bool = False, *, dtype: torch.dtype = torch.float64,
+                  n_inputs: int = 2, seed: int = 0) -> EmpiricalTRF:
+    """Exact support of the gradient of one unit with respect to the input.
+
+    ``support = {i : d unit / d x_i != 0}`` on a linearised positive copy of the model, so that
+    no path is cut: activations become identity, conv/linear weights positive averages with zero
+    bias, max pooling keeps its value but passes gradient to every window element, norms become
+    identities; inputs are positive, ``n_inputs`` draws are united (data-dependent selections
+    inside custom modules, e.g. median or rank pooling, pick different elements per draw).
+    Cross-check of :func:`theoretical_rf` (Araujo et al., https://distill.pub/2019/computing-receptive-fields/).
+
+    Args:
+        model, input_shape, layer, unit: as :func:`theoretical_rf` (the unit indexes the spatial
+            dims ``2..`` of the layer output; a 2-D output has no spatial dims).
+        hold_gates: detach global gates (outputs of adaptive pooling to size 1, of modules whose
+            ``rf_rule`` is global without a local rule): the support is then the local field.
+        dtype: float64 by default (products of many small weights underflow float32).
+        n_inputs: positive random inputs united; seed: their seed.
+    Returns:
+        :class:`EmpiricalTRF`.
+    """
+    model = _check_model(model)
+    input_shape = _check_shape(input_shape)
+    path = _layer_path(model, layer)
+    if not isinstance(n_inputs, int) or isinstance(n_inputs, bool) or n_inputs < 1:
+        raise ValueError(f"n_inputs must be a positive int, got {n_inputs!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    gen = torch.Generator().manual_seed(seed)
+    m = _positive_model(model, gen).to(dtype)
+    handles = []
+    captured: dict[str, torch.Tensor] = {}
+
+    def detach_hook(mod, args, out):
+        return out.detach() if isinstance(out, torch.Tensor) else out
+
+    def stop_hook(mod, args, out):
+        captured["out"] = out
+        raise _Stop
+
+    try:
+        if hold_gates:
+            for mod in m.modules():
+                gate = isinstance(mod, (nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)) \
+                    and all(v == 1 for v in G._tup(mod.output_size, 3) if v is not None)
+                if hasattr(mod, "rf_rule"):
+                    rule = mod.rf_rule()
+                    gate = gate or (rule.is_global and rule.local is None)
+                if gate:
+                    handles.append(mod.register_forward_hook(detach_hook))
+        if path is not None:
+            handles.append(m.get_submodule(path).register_forward_hook(stop_hook))
+        x = (torch.rand((n_inputs,) + input_shape, generator=gen, dtype=torch.float64) + 0.5).to(dtype)
+        x.requires_grad_(True)
+        with _DenseMaxPatch():
+            try:
+                out = m(x)
+            except _Stop:
+                out = captured["out"]
+    finally:
+        for h in handles:
+            h.remove()
+    if not isinstance(out, torch.Tensor):
+        raise ValueError("the layer output is not a tensor")
+    sizes = tuple(out.shape[2:])
+    u = _check_unit(unit, sizes)
+    sel = out[(slice(None), slice(None)) + u].sum()
+    if not sel.requires_grad:
+        mask = np.zeros(input_shape[1:], dtype=bool)
+    else:
+        g, = torch.autograd.grad(sel, x, allow_unused=True)
+        mask = np.zeros(input_shape[1:], dtype=bool) if g is None else (g != 0).any(0).any(0).numpy()
+    if not mask.any():
+        region = size = None
+    else:
+        region = []
+        for ax in range(mask.ndim):
+            other = tuple(a for a in range(mask.ndim) if a != ax)
+            idx = np.nonzero(mask.any(axis=other) if other else mask)[0]
+            region.append((int(idx[0]), int(idx[-1])))
+        region = tuple(region)
+        size = tuple(b - a + 1 for a, b in region)
+    return EmpiricalTRF(mask=mask, region=region, size=size, unit=u, layer=path, input_shape=input_shape)
