@@ -140,6 +140,13 @@ def from_options(distributed: Any, dist_timeout: Any, device: torch.device, *, s
     return dist_context(device, timeout)
 
 
+def is_main_process() -> bool:
+    """True on rank 0 (of the process group, else of torchrun's ``RANK``), or with neither: the one that writes."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 # --------------------------------------------------------------------------- sharding
 
 

@@ -96,6 +96,7 @@ def worker(out: Path, names: list[str]) -> None:
             r = erf.effective_rf(model, shape, distributed=True, **kw)
             np.savez(out / f"{name}.rank{rank}.npz", map=r.map, m2=r.m2, n=r.n)
             info["world_size"] = r.meta.get("world_size")
+            info["main"] = edist.is_main_process()
         except Exception as exc:  # noqa: BLE001 - recorded for the test
             info["error"] = f"{type(exc).__name__}: {exc}"
         info["seconds"] = time.perf_counter() - t0
@@ -206,6 +207,7 @@ def test_bad_options_and_single_process_fallback(monkeypatch):
         erf.effective_rf(model, (2, 10, 10), distributed=True, until_stderr=0.1, **kw)
     with pytest.warns(UserWarning, match="single process"):
         r = erf.effective_rf(model, (2, 10, 10), distributed=True, **kw)
+    assert edist.is_main_process() and "world_size" not in r.meta
     assert np.array_equal(r.map, erf.effective_rf(model, (2, 10, 10), **kw).map)
 
 
@@ -256,7 +258,7 @@ def test_ranks_give_the_single_process_map(runs, world, name, tmp_path):
     for rank in range(world):
         info, arrays = _load(out, name, rank)
         assert "error" not in info, (info, runs.get("log3" if world == 3 else "logs2"))
-        assert info["world_size"] == world
+        assert info["world_size"] == world and info["main"] == (rank == 0)
         assert_same(arrays, ref)  # every rank returns the combined result
         if rank:
             assert info["writes"] == [], "only rank 0 writes"
