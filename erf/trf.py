@@ -215,36 +215,36 @@ def _build(model: nn.Module, input_shape: tuple) -> G.Graph:
 
 
 def _forward(ops: list[G.Op]):
-    """Per op and axis (r, j, start, glob); ops where paths disagree in jump or centre."""
+    """Per op and axis (r, j, start, glob, valid): the composition over the local paths (valid
+    is False when every path goes through a global layer) and whether any path is global; plus
+    the ops where local paths disagree in jump or centre."""
     fwd: list[dict] = []
     misaligned: set[int] = set()
     for i, op in enumerate(ops):
         if i == 0:
-            fwd.append({a: (1, 1, 0, False) for a in op.axes})
+            fwd.append({a: (1, 1, 0, False, True) for a in op.axes})
             continue
         out = {}
         for a in op.axes:
-            cands = []
+            regular, glob = [], False
             for p, src in enumerate(op.inputs):
-                if a not in ops[src].axes or a not in fwd[src]:
+                if a not in fwd[src]:
                     continue
                 rule = op.rules[p].get(a, G.IDENTITY)
-                r, j, s, g = fwd[src][a]
-                r2, j2, s2 = rule.compose(r, j, s)
-                cands.append((r2, j2, s2, g or rule.is_global, isinstance(rule, G.Bcast)))
-            if not cands:
-                out[a] = (1, 1, 0, True)
+                r, j, s, g, valid = fwd[src][a]
+                glob |= g or rule.is_global
+                if valid and not rule.is_global and not isinstance(rule, G.Bcast):
+                    regular.append(rule.compose(r, j, s))
+            if not regular:
+                out[a] = (None, None, None, True, False)
                 continue
-            regular = [c for c in cands if not c[3] and not c[4]]
-            if len(regular) > 1:
-                j0 = regular[0][1]
-                for r, j, s, _, _ in regular[1:]:
-                    if abs(j - j0) > 1e-9 or abs((s + (r - 1) / 2) - (regular[0][2] + (regular[0][0] - 1) / 2)) > 1e-9:
-                        misaligned.add(i)
-            base = regular or cands
-            start = min(c[2] for c in base)
-            end = max(c[2] + c[0] - 1 for c in base)
-            out[a] = (end - start + 1, base[0][1], start, any(c[3] for c in cands))
+            r0, j0, s0 = regular[0]
+            for r, j, s in regular[1:]:
+                if abs(j - j0) > 1e-9 or abs((s + (r - 1) / 2) - (s0 + (r0 - 1) / 2)) > 1e-9:
+                    misaligned.add(i)
+            start = min(c[2] for c in regular)
+            end = max(c[2] + c[0] - 1 for c in regular)
+            out[a] = (end - start + 1, j0, start, glob, True)
         fwd.append(out)
     return fwd, misaligned
 
@@ -358,8 +358,9 @@ def theoretical_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequ
     region = tuple((need[0][a][0], need[0][a][1]) for a in range(n_ax))
     size = tuple(b - a + 1 for a, b in region)
     center = tuple(_num((a + b) / 2) for a, b in region)
-    jump = tuple(_num(fwd[target][a][1]) if a in fwd[target] else None for a in range(n_ax))
-    padding = tuple(_num(-fwd[target][a][2]) if a in fwd[target] else None for a in range(n_ax))
+    ft = fwd[target]
+    jump = tuple(_num(ft[a][1]) if a in ft and ft[a][4] else None for a in range(n_ax))
+    padding = tuple(_num(-ft[a][2]) if a in ft and ft[a][4] else None for a in range(n_ax))
     local_region = None if need_l[0] is None else tuple((need_l[0][a][0], need_l[0][a][1]) for a in range(n_ax))
     local_size = None if local_region is None else tuple(b - a + 1 for a, b in local_region)
 
@@ -385,9 +386,9 @@ def theoretical_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequ
             "name": op.name, "type": op.type,
             "kernel": tuple(x[0] for x in info), "stride": tuple(x[1] for x in info),
             "dilation": tuple(x[2] for x in info), "padding": tuple(x[3] for x in info),
-            "size": tuple(_num(f[a][0]) if a in f and not f[a][3] else None for a in range(n_ax)),
-            "jump": tuple(_num(f[a][1]) if a in f and not f[a][3] else None for a in range(n_ax)),
-            "start": tuple(_num(f[a][2]) if a in f and not f[a][3] else None for a in range(n_ax)),
+            "size": tuple(_num(f[a][0]) if a in f else None for a in range(n_ax)),
+            "jump": tuple(_num(f[a][1]) if a in f else None for a in range(n_ax)),
+            "start": tuple(_num(f[a][2]) if a in f else None for a in range(n_ax)),
             "global": any(r.is_global for rs in op.rules for r in rs.values()),
             "note": op.note,
         })
@@ -419,9 +420,10 @@ class EmpiricalTRF:
 
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
-                nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus,
-                nn.Softsign, nn.Threshold, nn.RReLU, nn.LogSigmoid, nn.Tanhshrink, nn.Hardshrink,
-                nn.Softshrink)
+                nn.Mish, nn.Hardswish, nn.Hardtanh, nn.Softplus, nn.Threshold, nn.RReLU, nn.LogSigmoid,
+                nn.Tanhshrink, nn.Hardshrink, nn.Softshrink)
+# squashing functions (gates) stay bounded, with a gradient that never vanishes: softsign
+_SQUASH = (nn.Sigmoid, nn.Hardsigmoid, nn.Tanh)
 
 
 def _dense_max(orig: Callable, nd: int, adaptive: bool) -> Callable:
@@ -482,34 +484,50 @@ class _DenseMaxPatch:
         return False
 
 
-def _positive_model(model: nn.Module, generator: torch.Generator) -> nn.Module:
-    """Deep copy with activations replaced by identity, conv/linear weights positive and
-    normalised (each output averages its inputs), biases zero, norms reset to identity."""
-    m = copy.deepcopy(model).eval()
-    for path, mod in list(m.named_modules()):
+def _positive_copy(model: nn.Module, generator: torch.Generator, dtype: torch.dtype):
+    """A copy sharing the caller's tensors, with activations replaced by identity, and forward
+    pre-hooks that give each module, on its first call, fresh ``dtype`` tensors: conv/linear
+    weights positive and normalised (each output averages its inputs), biases zero, norms
+    identities. Only the modules that run pay for it. Returns (copy, hook handles)."""
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    m = copy.deepcopy(model, memo).eval()
+    for mod in list(m.modules()):
         for name, child in list(mod.named_children()):
             if isinstance(child, _ACTIVATIONS):
                 setattr(mod, name, nn.Identity())
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear)) and \
-                    getattr(mod, "weight", None) is not None:
-                w = torch.rand(mod.weight.shape, generator=generator, dtype=torch.float64) + 0.5
-                out_dim = 1 if isinstance(mod, nn.modules.conv._ConvTransposeNd) else 0
-                dims = [d for d in range(w.dim()) if d != out_dim]
-                mod.weight.copy_(w / w.sum(dim=dims, keepdim=True))
-                if getattr(mod, "bias", None) is not None:
-                    mod.bias.zero_()
-            elif isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
-                                  nn.modules.instancenorm._InstanceNorm)):
-                if getattr(mod, "weight", None) is not None:
-                    mod.weight.fill_(1.0)
-                if getattr(mod, "bias", None) is not None:
-                    mod.bias.zero_()
-                if getattr(mod, "running_mean", None) is not None:
-                    mod.running_mean.zero_()
-                    mod.running_var.fill_(1.0)
-    return m
+            elif isinstance(child, _SQUASH):
+                setattr(mod, name, nn.Softsign())
+    done: set[int] = set()
+    norms = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+
+    def prep(mod, args):
+        if id(mod) in done:
+            return
+        done.add(id(mod))
+        with torch.no_grad():
+            for name, p in list(mod._parameters.items()):
+                if p is None:
+                    continue
+                if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear)) and name == "weight":
+                    w = torch.rand(p.shape, generator=generator, dtype=torch.float64) + 0.5
+                    out_dim = 1 if isinstance(mod, nn.modules.conv._ConvTransposeNd) else 0
+                    w = w / w.sum(dim=[d for d in range(w.dim()) if d != out_dim], keepdim=True)
+                elif isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear)) and name == "bias":
+                    w = torch.zeros(p.shape, dtype=torch.float64)
+                elif isinstance(mod, norms):
+                    w = torch.full(p.shape, 1.0 if name == "weight" else 0.0, dtype=torch.float64)
+                else:
+                    w = p.detach()
+                mod._parameters[name] = nn.Parameter(w.to(dtype=dtype, copy=True), requires_grad=False)
+            for name, b in list(mod._buffers.items()):
+                if b is None:
+                    continue
+                if isinstance(mod, norms) and name in ("running_mean", "running_var"):
+                    b = torch.full(b.shape, 1.0 if name == "running_var" else 0.0)
+                mod._buffers[name] = b.to(dtype=dtype, copy=True) if b.is_floating_point() else b.clone()
+
+    handles = [mod.register_forward_pre_hook(prep) for mod in m.modules()]
+    return m, handles
 
 
 class _Stop(Exception):
@@ -547,8 +565,7 @@ def empirical_trf(model: nn.Module | Callable[[], nn.Module], input_shape: Seque
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     gen = torch.Generator().manual_seed(seed)
-    m = _positive_model(model, gen).to(dtype)
-    handles = []
+    m, handles = _positive_copy(model, gen, dtype)
     captured: dict[str, torch.Tensor] = {}
 
     def detach_hook(mod, args, out):
@@ -589,6 +606,9 @@ def empirical_trf(model: nn.Module | Callable[[], nn.Module], input_shape: Seque
         mask = np.zeros(input_shape[1:], dtype=bool)
     else:
         g, = torch.autograd.grad(sel, x, allow_unused=True)
+        if g is not None and not torch.isfinite(g).all():
+            warnings.warn("the gradient has non-finite values (overflow in the linearised copy); "
+                          "the support may be too large", stacklevel=2)
         mask = np.zeros(input_shape[1:], dtype=bool) if g is None else (g != 0).any(0).any(0).numpy()
     if not mask.any():
         region = size = None
