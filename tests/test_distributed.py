@@ -68,6 +68,9 @@ def job(name: str, out: Path) -> tuple[nn.Module, tuple[int, ...], dict]:
     if name == "pool":  # a stochastic module sampling from the keyed streams
         return (erf.nets.pooling_net("stochastic", width=4), (3, 32, 32),
                 dict(kw, train_mode=True, draws=2, n_inputs=40, batch_size=32))
+    if name == "crop":  # enough work for the engine to run on the crop holding the unit's TRF
+        return (erf.nets.conv_stack(6, width=8, act="relu"), (8, 64, 64),
+                dict(kw, init="normal", draws=2, n_inputs=64, batch_size=16))
     if name == "images":
         return (erf.nets.conv_stack(2, width=3, act="relu"), (3, 12, 12),
                 dict(kw, init="normal", inputs=f"images:{make_images(out / 'images')}", batch_size=2))
@@ -97,6 +100,7 @@ def worker(out: Path, names: list[str]) -> None:
             np.savez(out / f"{name}.rank{rank}.npz", map=r.map, m2=r.m2, n=r.n)
             info["world_size"] = r.meta.get("world_size")
             info["main"] = edist.is_main_process()
+            info["crop"] = r.meta.get("crop")
         except Exception as exc:  # noqa: BLE001 - recorded for the test
             info["error"] = f"{type(exc).__name__}: {exc}"
         info["seconds"] = time.perf_counter() - t0
@@ -233,7 +237,7 @@ def runs(tmp_path_factory):
     out2, out3 = tmp_path_factory.mktemp("w2"), tmp_path_factory.mktemp("w3")
     port = str(_free_port())
     t0 = time.monotonic()
-    procs2 = [subprocess.Popen([sys.executable, str(HERE), str(out2), "stack", "images", "pool", "kill"],
+    procs2 = [subprocess.Popen([sys.executable, str(HERE), str(out2), "stack", "images", "crop", "pool", "kill"],
                                env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                                         MASTER_PORT=port),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
@@ -277,6 +281,16 @@ def test_images_are_split_across_ranks(runs, tmp_path):
     for rank in range(2):
         info, arrays = _load(runs["out2"], "images", rank)
         assert "error" not in info, info
+        assert_same(arrays, ref)
+
+
+@pytest.mark.slow
+def test_cone_cropping_runs_sharded(runs, tmp_path):
+    ref = reference("crop", tmp_path)
+    assert ref.meta["crop"] is not None
+    for rank in range(2):
+        info, arrays = _load(runs["out2"], "crop", rank)
+        assert "error" not in info and info["crop"] == ref.meta["crop"], info
         assert_same(arrays, ref)
 
 
