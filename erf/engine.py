@@ -26,10 +26,13 @@ import torch
 from torch import nn
 
 from erf import _rng
+from erf._batch import choose_batch_size, run_split, use_channels_last
+from erf._crop import plan_crop
 from erf._draws import INITS, DrawMaker, describe_init
 from erf._inputs import IterableInputs, make_source
 from erf._stats import RunningMoments, merge_numpy, stderr_of
 from erf._target import Target, check_grid
+from erf._vmap import plan_stacking
 from erf._validate import check_choice, check_input_shape, check_int, check_positive_float, resolve_layer
 
 REDUCES = ("mean", "abs", "square", "relu")
@@ -315,7 +318,8 @@ class _Run:
 
     def __init__(self, model, input_shape, *, layer, select, grid, unit, channel, unit_relu, inputs, n_inputs,
                  draws, first_draw, init, reduce, method, batch_size, device, dtype, seed, progress,
-                 train_mode, nonfinite, crop, checkpoint, checkpoint_every, resume, until_stderr):
+                 train_mode, nonfinite, crop, checkpoint, checkpoint_every, resume, until_stderr,
+                 vmap_draws=None):
         if not isinstance(model, nn.Module) and not callable(model):
             raise TypeError(f"model must be an nn.Module or a zero-argument factory returning one, "
                             f"got {type(model).__name__}")
@@ -342,6 +346,9 @@ class _Run:
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
         self.grid = check_grid(grid)
+        if vmap_draws is not None and not isinstance(vmap_draws, bool):
+            raise TypeError(f"vmap_draws must be None, True or False, got {vmap_draws!r}")
+        self.vmap_draws = vmap_draws
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype)
         self.unit_relu, self.train_mode, self.progress, self.crop = unit_relu, train_mode, progress, crop
@@ -367,6 +374,8 @@ class _Run:
             model = model.double()
         model.train(self.train_mode)
         self._freeze(model)
+        if getattr(self, "channels_last", False):
+            model.to(memory_format=torch.channels_last)
         return model
 
     @staticmethod
@@ -417,13 +426,17 @@ class _Run:
             t.configure(out, self.unit_arg, self.channel_arg)
         in_bytes = int(np.prod(self.input_shape)) * 4
         self.per_sample_bytes = 3 * act_bytes[0] + 4 * in_bytes
-        total = self.source.n if self.source.n is not None else 32
-        self.batch_size_used = self.batch_size or _auto_batch_size(self.per_sample_bytes, self.device, total)
         map_shape = self.input_shape[1:]
         self.stats = [RunningMoments.zeros(map_shape, self.device) for _ in self.targets]
         self.skipped = torch.zeros((), dtype=torch.float64, device=self.device)
         self.reduce_fn = _reduce_fn(self.reduce)
-        self.channels_last = self.device.type == "cuda" and self.ndim == 2 and self.dtype != torch.float64
+        self.channels_last = use_channels_last(self)
+        if self.channels_last:
+            self.model0.to(memory_format=torch.channels_last)
+        # Speed paths (each gives the plain path's map): cone crop, stacked draws, the batch that fits.
+        self.crop_plan = plan_crop(self) if self.crop else None
+        self.stacker = plan_stacking(self, self.vmap_draws)
+        self.batch_size_used = choose_batch_size(self)
 
     # -- forward stopped at the target layers
     def _forward(self, model: nn.Module, x: torch.Tensor, stop: bool = True) -> dict[str, Any]:
@@ -458,6 +471,8 @@ class _Run:
 
     # -- one batch: per-sample maps for every target
     def _maps(self, model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.crop_plan is not None:
+            x = self.crop_plan.crop(x)
         x = x.to(self.device, dtype=torch.float64 if self.dtype == torch.float64 else torch.float32,
                  non_blocking=True)
         if self.channels_last:
@@ -467,7 +482,8 @@ class _Run:
         x.requires_grad_(True)
         with torch.enable_grad(), self._autocast():
             outs = self._forward(model, x, stop=True)
-            scalars = [t.scalar(outs[t.layer]).float().sum() for t in self.targets]
+            targets = self.crop_plan.targets if self.crop_plan is not None else self.targets
+            scalars = [t.scalar(outs[t.layer]).float().sum() for t in targets]
         maps = []
         for i, s in enumerate(scalars):
             if not s.requires_grad:
@@ -541,7 +557,7 @@ class _Run:
         n, bs = self.source.n, self.batch_size_used
         i = start
         while i < n:
-            stop = min(i + bs, n)
+            stop = min(i + min(bs, self.batch_size_used), n)  # smaller after an out-of-memory retry
             if self.train_mode:  # stochastic streams are keyed per block: batches never straddle blocks
                 stop = min(stop, (i // _rng.BLOCK + 1) * _rng.BLOCK)
             yield i, stop
@@ -591,12 +607,15 @@ class _Run:
         position = (draw0, start0)
         try:
             for draw in range(draw0, self.first_draw + self.draws):
+                if self.stacker is not None and start0 == 0 and self.stacker.handle(draw, bar):
+                    continue  # this draw ran stacked with others (torch.func.vmap)
                 model = self.model0 if draw == self.first_draw else self._prepare(self.maker.build(draw))
                 start = start0 if draw == draw0 else 0
                 for lo, hi, x in self._batches(draw, start):
                     position = (draw, lo)
-                    maps = self._run_batch(model, x, draw, lo, hi)
-                    self._accumulate(maps, draw, lo, hi)
+                    for a, b, maps in run_split(
+                            lambda a, b: self._run_batch(model, x[a - lo: b - lo], draw, a, b), lo, hi, self):
+                        self._accumulate(maps, draw, a, b)
                     position = (draw, hi)
                     bar.update(hi - lo)
                     batches_since_ckpt += 1
@@ -634,6 +653,7 @@ class _Run:
                 return self._maps(model, x)
 
     def _accumulate(self, maps: list[torch.Tensor], draw: int, lo: int, hi: int) -> None:
+        window = self.crop_plan.window if self.crop_plan is not None else None
         for st, m in zip(self.stats, maps):
             finite = torch.isfinite(m.reshape(m.shape[0], -1)).all(1)
             if not bool(finite.all()):
@@ -644,9 +664,9 @@ class _Run:
                         f"{[lo + b for b in bad[:5]]}); pass nonfinite='skip' to skip and count them, or use "
                         "dtype=torch.float64 / smaller inputs")
                 self.skipped += (~finite).sum()
-                st.update(m, weight=finite)
+                st.update(m, weight=finite, window=window)
             else:
-                st.update(m)
+                st.update(m, window=window)
 
 
 def effective_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequence[int], *,
@@ -658,7 +678,8 @@ def effective_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequen
                  batch_size: int | None = None, device: Any = None, dtype: torch.dtype = torch.float32,
                  seed: int = 0, progress: bool = True, train_mode: bool = False, nonfinite: str = "raise",
                  crop: bool = True, checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 20,
-                 resume: bool = False, until_stderr: float | None = None) -> ERFResult | dict[str, ERFResult]:
+                 resume: bool = False, until_stderr: float | None = None,
+                 vmap_draws: bool | None = None) -> ERFResult | dict[str, ERFResult]:
     """Effective receptive field of one unit, averaged over inputs and weight draws (Luo et al. 2016).
 
     ``map = E_{draws, inputs}[ reduce(d unit / d x) ]`` with ``reduce`` one of ``mean`` (sum_c g),
@@ -675,6 +696,9 @@ def effective_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequen
         nonfinite: ``"raise"`` (default) or ``"skip"`` (skip and count samples with NaN/Inf maps).
         checkpoint, checkpoint_every, resume: save the running sums atomically every N batches; resume.
         until_stderr: stop early once the relative standard error of the centre region is below this.
+        crop: run the network on the smallest input crop that holds the unit's TRF (when the TRF
+            analyser calls it safe and a probe confirms it); the map is unchanged.
+        vmap_draws: stack weight draws with ``torch.func.vmap`` (``None``: on CUDA when it works).
     Returns:
         :class:`ERFResult` (a dict ``{layer: ERFResult}`` when ``layer`` is a list).
     Raises:
@@ -685,7 +709,7 @@ def effective_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequen
                init=init, reduce=reduce, method=method, batch_size=batch_size, device=device, dtype=dtype,
                seed=seed, progress=progress, train_mode=train_mode, nonfinite=nonfinite, crop=crop,
                checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
-               until_stderr=until_stderr)
+               until_stderr=until_stderr, vmap_draws=vmap_draws)
     run.setup()
     base = {
         "input_shape": list(run.input_shape), "inputs": run.inputs_desc,
@@ -706,7 +730,9 @@ def effective_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequen
     meta = {"versions": {"erf": _erf_version(), "torch": torch.__version__, "numpy": np.__version__,
                          "python": platform.python_version()},
             "device_name": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else platform.processor() or "cpu",
-            "seconds": elapsed, "skipped": float(run.skipped.item())}
+            "seconds": elapsed, "skipped": float(run.skipped.item()),
+            "crop": None if run.crop_plan is None else [[w.start, w.stop] for w in run.crop_plan.window],
+            "vmap_draws": run.stacker is not None}
     if meta["skipped"]:
         warnings.warn(f"{int(meta['skipped'])} samples with non-finite gradients were skipped", stacklevel=2)
     analysis_model = run.model0.float() if run.dtype == torch.float64 else run.model0

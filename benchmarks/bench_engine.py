@@ -1,0 +1,248 @@
+"""Engine speed, side by side in one process, on the same model and inputs.
+
+Rows per case: (a) the batch-1 protocol of the RepLKNet / OpenERF scripts (one image per
+forward + backward, per-image host transfer), reimplemented here; (b) a bare batched forward +
+backward (the floor); (c) ``erf.effective_rf`` with its defaults; (d) the engine without the cone
+crop, with channels_last off, and in bf16 (deviation from float32 reported). Cases: torchvision
+ResNet-50 (random weights, eval, ``layer4``) at 224^2 and 1024^2, a 20-layer 16-wide conv stack
+with many weight draws (vmap vs loop), and ``pooling_net`` of every local pooling module.
+
+    python benchmarks/bench_engine.py [--quick] [--out benchmarks/results]
+
+Writes a markdown table to stdout and ``benchmarks/results/engine_<device>.md`` / ``.json``.
+Seconds are the minimum over ``--repeats`` runs. Device: CUDA when available, else the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+import erf
+import erf.engine as engine
+from erf.nets import conv_stack, pooling_net
+from erf.pooling._registry import REGISTRY
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def peak_mib(dev: torch.device) -> float:
+    """GPU: peak allocated since the last reset; CPU: the process's max RSS so far (cumulative)."""
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(fn: Callable[[], Any], dev: torch.device, repeats: int) -> tuple[float, Any, float]:
+    best, out = float("inf"), None
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    for _ in range(repeats):
+        sync(dev)
+        t = time.perf_counter()
+        out = fn()
+        sync(dev)
+        best = min(best, time.perf_counter() - t)
+    return best, out, peak_mib(dev)
+
+
+def unit_of(out: torch.Tensor) -> torch.Tensor:
+    return out[(slice(None), slice(None)) + tuple(s // 2 for s in out.shape[2:])].sum()
+
+
+def batch1_protocol(features: nn.Module, x: torch.Tensor, dev: torch.device) -> np.ndarray:
+    """RepLKNet/OpenERF: per image, forward, grad of the centre unit, |g| summed, added on the host."""
+    acc = None
+    for i in range(x.shape[0]):
+        s = x[i: i + 1].to(dev).requires_grad_(True)
+        g, = torch.autograd.grad(unit_of(features(s)), s)
+        m = g.abs().sum(1)[0].cpu().numpy().astype(np.float64)
+        acc = m if acc is None else acc + m
+    return acc / x.shape[0]
+
+
+def bare_batched(features: nn.Module, x: torch.Tensor, bs: int, dev: torch.device) -> torch.Tensor:
+    """The floor: batched forward + autograd.grad w.r.t. the input only, maps summed on the device."""
+    acc = None
+    for i in range(0, x.shape[0], bs):
+        s = x[i: i + bs].to(dev).requires_grad_(True)
+        g, = torch.autograd.grad(unit_of(features(s)), s)
+        m = g.abs().sum(1).sum(0)
+        acc = m if acc is None else acc + m
+    return acc
+
+
+def rel_dev(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def engine_run(model, shape, dev, **kw) -> erf.ERFResult:
+    return erf.effective_rf(model, shape, device=dev, progress=False, **kw)
+
+
+def resnet_case(size: int, n: int, n_b1: int, dev: torch.device, repeats: int) -> list[dict]:
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50().eval()
+    features = nn.Sequential(*list(model.children())[:-2]).to(dev).eval()  # up to layer4
+    shape = (3, size, size)
+    x = torch.randn((n,) + shape, generator=torch.Generator().manual_seed(1))
+    rows = []
+    t, ref_b1, mem = timed(lambda: batch1_protocol(features, x[:n_b1], dev), dev, repeats)
+    rows.append(dict(path="(a) batch-1 protocol", n=n_b1, s=t, mem=mem))
+    base = engine_run(model, shape, dev, layer="layer4", inputs=x, crop=False)  # also warms up
+    bs = base.config["batch_size"]
+    for p in features.parameters():
+        p.requires_grad_(False)
+    t, _, mem = timed(lambda: bare_batched(features, x, bs, dev), dev, repeats)
+    rows.append(dict(path=f"(b) bare batched fwd+bwd (B={bs})", n=n, s=t, mem=mem))
+    t, res, mem = timed(lambda: engine_run(model, shape, dev, layer="layer4", inputs=x), dev, repeats)
+    crop = res.meta.get("crop")
+    rows.append(dict(path=f"(c) engine defaults (B={res.config['batch_size']}, crop={'on ' + str(crop) if crop else 'off'})",
+                     n=n, s=t, mem=mem, dev=rel_dev(res.map, base.map)))
+    t, r, mem = timed(lambda: engine_run(model, shape, dev, layer="layer4", inputs=x, crop=False), dev, repeats)
+    rows.append(dict(path="(d) engine, crop=False", n=n, s=t, mem=mem, dev=rel_dev(r.map, base.map)))
+    if res.ndim_spatial == 2:
+        saved = engine.use_channels_last
+        engine.use_channels_last = lambda run: False
+        try:
+            t, r, mem = timed(lambda: engine_run(model, shape, dev, layer="layer4", inputs=x, crop=False), dev, repeats)
+        finally:
+            engine.use_channels_last = saved
+        rows.append(dict(path="(d) engine, crop=False, channels_last off", n=n, s=t, mem=mem,
+                         dev=rel_dev(r.map, base.map)))
+    t, r, mem = timed(lambda: engine_run(model, shape, dev, layer="layer4", inputs=x, dtype=torch.bfloat16), dev, repeats)
+    rows.append(dict(path="(d) engine defaults, bf16 autocast", n=n, s=t, mem=mem, dev=rel_dev(r.map, base.map)))
+    rows[0]["dev"] = rel_dev(ref_b1, engine_run(model, shape, dev, layer="layer4", inputs=x[:n_b1], crop=False).map)
+    return rows
+
+
+def stack_case(draws: int, n: int, dev: torch.device, repeats: int) -> list[dict]:
+    model = conv_stack(20, k=3, width=16, act="relu")
+    shape = (16, 64, 64)
+    kw = dict(draws=draws, n_inputs=n, init="normal")
+    rows = []
+    t, loop, mem = timed(lambda: engine_run(model, shape, dev, vmap_draws=False, **kw), dev, repeats)
+    rows.append(dict(path=f"engine, loop over {draws} draws", n=draws * n, s=t, mem=mem))
+    t, vm, mem = timed(lambda: engine_run(model, shape, dev, vmap_draws=True, **kw), dev, repeats)
+    rows.append(dict(path=f"engine, vmap over draws (B={vm.config['batch_size']})", n=draws * n, s=t, mem=mem,
+                     dev=rel_dev(vm.map, loop.map)))
+    return rows
+
+
+def pooling_case(n: int, dev: torch.device, repeats: int) -> list[dict]:
+    rows = []
+    shape = (3, 128, 128)
+    x = torch.randn((n,) + shape, generator=torch.Generator().manual_seed(2))
+    for name, e in sorted(REGISTRY.items()):
+        if e.locality != "local" or e.head:
+            continue
+        torch.manual_seed(0)
+        net = pooling_net(name).eval()
+        res = engine_run(net, shape, dev, inputs=x)
+        frozen = engine._Run._freeze
+        net_d = net.to(dev)
+        frozen(net_d)
+        t_floor, _, _ = timed(lambda: bare_batched(net_d, x, n, dev), dev, repeats)
+        t_eng, res, mem = timed(lambda: engine_run(net, shape, dev, inputs=x), dev, repeats)
+        rows.append(dict(path=f"{name}", n=n, s=t_eng, floor=t_floor, mem=mem,
+                         crop="on" if res.meta.get("crop") else "off"))
+    return rows
+
+
+def table(title: str, rows: list[dict], ref: float | None) -> str:
+    out = [f"### {title}", "", "| path | images | seconds | images/s | vs (a) | max rel. dev. | peak MiB |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ips = r["n"] / r["s"]
+        ratio = f"{ips / ref:.2f}x" if ref else "-"
+        dev = f"{r['dev']:.1e}" if r.get("dev") is not None else "-"
+        out.append(f"| {r['path']} | {r['n']} | {r['s']:.3f} | {ips:.1f} | {ratio} | {dev} | {r['mem']:.0f} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="smallest sizes (a smoke run)")
+    ap.add_argument("--cases", default="resnet224,resnet1024,stack,pooling")
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = dev.type == "cuda"
+    cases = args.cases.split(",")
+    name = device_name(dev)
+    md = [f"## Engine benchmark on {name}", "",
+          f"torch {torch.__version__}, erf {erf.__version__}, seconds = min of {args.repeats} runs; "
+          "'max rel. dev.' = max |map - float32 engine map| / max. CPU peak memory is the process's "
+          "max RSS so far (cumulative).", ""]
+    results: dict[str, Any] = {"device": name, "torch": torch.__version__, "cases": {}}
+
+    def emit(key: str, title: str, rows: list[dict], ref: float | None) -> None:
+        text = table(title, rows, ref)
+        print(text + "\n", flush=True)
+        md.append(text + "\n")
+        results["cases"][key] = rows
+
+    if "resnet224" in cases:
+        n, n1 = (256, 64) if gpu else ((4, 2) if args.quick else (16, 8))
+        rows = resnet_case(224, n, n1, dev, args.repeats)
+        emit("resnet50_224", "ResNet-50, 224x224, layer4 centre unit", rows, rows[0]["n"] / rows[0]["s"])
+    if "resnet1024" in cases:
+        n, n1 = (64, 16) if gpu else ((1, 1) if args.quick else (2, 1))
+        rows = resnet_case(1024, n, n1, dev, 1 if not gpu else args.repeats)
+        emit("resnet50_1024", "ResNet-50, 1024x1024, layer4 centre unit", rows, rows[0]["n"] / rows[0]["s"])
+    if "stack" in cases:
+        draws, n = (64, 16) if gpu else ((4, 4) if args.quick else (8, 8))
+        rows = stack_case(draws, n, dev, args.repeats)
+        emit("conv_stack", f"20-layer 16-wide conv stack, 64x64, {draws} draws x {n} inputs", rows,
+             rows[0]["n"] / rows[0]["s"])
+    if "pooling" in cases:
+        n = 64 if gpu else (4 if args.quick else 16)
+        rows = pooling_case(n, dev, args.repeats)
+        lines = [f"### pooling_net (3x128x128), {n} inputs: engine defaults vs the bare batched floor", "",
+                 "| module | engine s | floor s | engine / floor speed | crop | peak MiB |", "|---|---:|---:|---:|---|---:|"]
+        for r in rows:
+            lines.append(f"| {r['path']} | {r['s']:.3f} | {r['floor']:.3f} | {r['floor'] / r['s']:.2f}x | "
+                         f"{r['crop']} | {r['mem']:.0f} |")
+        print("\n".join(lines) + "\n", flush=True)
+        md.append("\n".join(lines) + "\n")
+        results["cases"]["pooling_net"] = rows
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"engine_{dev.type}{'_quick' if args.quick else ''}")
+    with open(stem + ".md", "w") as fh:
+        fh.write("\n".join(md))
+    with open(stem + ".json", "w") as fh:
+        json.dump(results, fh, indent=1)
+    print(f"written: {stem}.md, {stem}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
