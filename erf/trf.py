@@ -445,14 +445,15 @@ def _dense_max(orig: Callable, nd: int, adaptive: bool) -> Callable:
             s = G._tup(s if s not in (None, [], ()) else k, nd)
             p = G._tup(vals_.get("padding", 0), nd)
             d = G._tup(vals_.get("dilation", 1), nd)
-            c = input.shape[-nd - 1]
-            x = input.reshape((-1,) + tuple(input.shape[-nd - 1:]))
-            x = F.pad(x, _right_pad(k, d, nd))
-            w = torch.ones((c, 1) + k, dtype=input.dtype, device=input.device) / math.prod(k)
-            conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
-            dense = conv(x, w, stride=s, padding=p, dilation=d, groups=c)
-            dense = dense[(Ellipsis,) + tuple(slice(0, n) for n in vals.shape[-nd:])]
-            dense = dense.reshape(vals.shape)
+            if all(v == 1 for v in d):
+                ceil = kwargs.get("ceil_mode", args[4] if len(args) > 4 else False)
+                dense = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[nd - 1](input, k, s, p, ceil_mode=ceil)
+            else:  # dilated windows: a depthwise ones-convolution, cropped to the output size
+                c = input.shape[-nd - 1]
+                x = F.pad(input.reshape((-1,) + tuple(input.shape[-nd - 1:])), _right_pad(k, d, nd))
+                w = torch.ones((c, 1) + k, dtype=input.dtype, device=input.device) / math.prod(k)
+                dense = (F.conv1d, F.conv2d, F.conv3d)[nd - 1](x, w, stride=s, padding=p, dilation=d, groups=c)
+                dense = dense[(Ellipsis,) + tuple(slice(0, n) for n in vals.shape[-nd:])].reshape(vals.shape)
         st = vals + (dense - dense.detach())
         return (st,) + tuple(out[1:]) if isinstance(out, tuple) else st
 
