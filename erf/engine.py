@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from erf import _rng
+from erf import distributed as _dist
 from erf._batch import choose_batch_size, run_split, use_channels_last
 from erf._crop import plan_crop
 from erf._draws import INITS, DrawMaker, describe_init
@@ -319,7 +320,7 @@ class _Run:
     def __init__(self, model, input_shape, *, layer, select, grid, unit, channel, unit_relu, inputs, n_inputs,
                  draws, first_draw, init, reduce, method, batch_size, device, dtype, seed, progress,
                  train_mode, nonfinite, crop, checkpoint, checkpoint_every, resume, until_stderr,
-                 vmap_draws=None):
+                 vmap_draws=None, distributed=False, dist_timeout=_dist.DEFAULT_TIMEOUT):
         if not isinstance(model, nn.Module) and not callable(model):
             raise TypeError(f"model must be an nn.Module or a zero-argument factory returning one, "
                             f"got {type(model).__name__}")
@@ -359,6 +360,9 @@ class _Run:
         self.maker = DrawMaker(model, init, self.seed, self.draws)
         self.source = make_source(inputs, self.n_inputs, self.input_shape, self.seed, self.draws)
         self.inputs_desc = inputs if isinstance(inputs, str) else self.source.describe()
+        self.dist = _dist.from_options(distributed, dist_timeout, self.device, source=self.source,
+                                       until_stderr=self.until_stderr)  # joins the process group
+        self.device = self.dist.device if self.dist is not None else self.device
         self.multi = isinstance(layer, (list, tuple))
         layers = list(layer) if self.multi else [layer]
         if self.multi and not layers:
@@ -592,6 +596,8 @@ class _Run:
         return math.inf if denom <= 0 else se[region].mean().item() / denom
 
     def run(self, config: dict) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        if self.dist is not None:  # this rank's share of the work, then one reduction (erf.distributed)
+            return _dist.run_sharded(self, config)
         from tqdm.auto import tqdm
 
         fingerprint = self._fingerprint(config)
@@ -679,7 +685,8 @@ def effective_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequen
                  seed: int = 0, progress: bool = True, train_mode: bool = False, nonfinite: str = "raise",
                  crop: bool = True, checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 20,
                  resume: bool = False, until_stderr: float | None = None,
-                 vmap_draws: bool | None = None) -> ERFResult | dict[str, ERFResult]:
+                 vmap_draws: bool | None = None, distributed: bool = False,
+                 dist_timeout: float = _dist.DEFAULT_TIMEOUT) -> ERFResult | dict[str, ERFResult]:
     """Effective receptive field of one unit, averaged over inputs and weight draws (Luo et al. 2016).
 
     ``map = E_{draws, inputs}[ reduce(d unit / d x) ]`` with ``reduce`` one of ``mean`` (sum_c g),
@@ -699,6 +706,9 @@ def effective_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequen
         crop: run the network on the smallest input crop that holds the unit's TRF (when the TRF
             analyser calls it safe and a probe confirms it); the map is unchanged.
         vmap_draws: stack weight draws with ``torch.func.vmap`` (``None``: on CUDA when it works).
+        distributed, dist_timeout: share the work among the ranks of a torch.distributed job (torchrun;
+            :mod:`erf.distributed`), every rank returning the combined result; collectives fail after
+            ``dist_timeout`` seconds.
     Returns:
         :class:`ERFResult` (a dict ``{layer: ERFResult}`` when ``layer`` is a list).
     Raises:
@@ -709,7 +719,8 @@ def effective_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequen
                init=init, reduce=reduce, method=method, batch_size=batch_size, device=device, dtype=dtype,
                seed=seed, progress=progress, train_mode=train_mode, nonfinite=nonfinite, crop=crop,
                checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
-               until_stderr=until_stderr, vmap_draws=vmap_draws)
+               until_stderr=until_stderr, vmap_draws=vmap_draws, distributed=distributed,
+               dist_timeout=dist_timeout)
     run.setup()
     base = {
         "input_shape": list(run.input_shape), "inputs": run.inputs_desc,
@@ -733,6 +744,8 @@ def effective_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequen
             "seconds": elapsed, "skipped": float(run.skipped.item()),
             "crop": None if run.crop_plan is None else [[w.start, w.stop] for w in run.crop_plan.window],
             "vmap_draws": run.stacker is not None}
+    if run.dist is not None:
+        meta["world_size"] = run.dist.world_size
     if meta["skipped"]:
         warnings.warn(f"{int(meta['skipped'])} samples with non-finite gradients were skipped", stacklevel=2)
     analysis_model = run.model0.float() if run.dtype == torch.float64 else run.model0
