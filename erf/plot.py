@@ -106,3 +106,312 @@ def plot_result(result, ax=None, log: bool = False, show_trf: bool = True, show_
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="lower right", framealpha=0.6)
     return ax
+
+
+# --------------------------------------------------------------------------- figure files
+def new_figure(width: float, height: float):
+    """A matplotlib ``Figure`` not managed by pyplot (no GUI backend; Agg when saved)."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def save_figure(fig, path, dpi: int = 100) -> str:
+    """Save ``fig`` atomically (temp file + rename); the format follows the extension (png/pdf/svg)."""
+    import os
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    path = os.fspath(path)
+    fmt = os.path.splitext(path)[1].lstrip(".").lower() or "png"
+    if fmt not in ("png", "pdf", "svg"):
+        raise ValueError(f"figure format must be png, pdf or svg, got {fmt!r} (from {path!r})")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    if not isinstance(fig.canvas, FigureCanvasAgg) and fmt == "png":
+        FigureCanvasAgg(fig)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        meta = {"Software": None} if fmt == "png" else None
+        fig.savefig(tmp, format=fmt, dpi=dpi, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _safe_trf(result):
+    try:
+        return result.trf
+    except Exception:  # an analyser failure never stops a figure
+        return None
+
+
+def comparison_grid(comp, same_scale: bool = False, cols: int | None = None):
+    """Grid of ERF heatmaps, one per pooling module of a :class:`erf.compare.Comparison`.
+
+    Each panel shows the mean |input gradient| of the centre unit on the input grid (full
+    128 x 128 view), the unit's TRF as a dashed white box, and the 2-sigma ellipse of the
+    fitted Gaussian (cyan); the title gives the module, ERF size and ERF/TRF ratio.
+    ``same_scale=False``: each panel in its own units, with its own colourbar.
+    ``same_scale=True``: every map divided by its total (share of the gradient mass per
+    pixel) on one shared colour scale and a single colourbar, so concentration is comparable.
+    """
+    import math as _m
+
+    names = list(comp.results)
+    n = len(names)
+    cols = cols or min(6, max(1, _m.ceil(_m.sqrt(n * 1.3))))
+    rows = _m.ceil(n / cols)
+    fig = new_figure(2.45 * cols + (0.6 if same_scale else 0), 2.35 * rows + 0.5)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    maps = {k: comp.results[k].nonnegative_map for k in names}
+    if same_scale:
+        maps = {k: m / (m.sum() or 1.0) for k, m in maps.items()}
+        vmax = max(float(m.max()) for m in maps.values()) or 1.0
+    row_of = {r["pool"]: r for r in comp.rows}
+    im = None
+    for i, name in enumerate(names):
+        ax = axes[i // cols][i % cols]
+        res, data = comp.results[name], maps[name]
+        im = ax.imshow(data, cmap="magma", interpolation="nearest", vmin=0,
+                       vmax=vmax if same_scale else (float(data.max()) or 1.0))
+        trf = _safe_trf(res)
+        if trf is not None and not getattr(trf, "is_global", False):
+            draw_trf_box(ax, trf, data.shape)
+        fit = res.fit
+        if fit is not None:
+            rr, cc = ellipse_points(np.asarray(fit.center), np.asarray(fit.cov), 2)
+            ax.plot(cc, rr, color="cyan", lw=1.0)
+        ax.set_xlim(-0.5, data.shape[1] - 0.5)
+        ax.set_ylim(data.shape[0] - 0.5, -0.5)
+        row = row_of.get(name, {})
+        ratio = row.get("erf_trf_ratio")
+        sub = f"ERF {row.get('erf_size', float('nan')):.0f} px"
+        if ratio is not None and np.isfinite(ratio):
+            sub += f", ERF/TRF {ratio:.2f}"
+        if row.get("trf_global"):
+            sub += " (global)"
+        ax.set_title(f"{name}\n{sub}", fontsize=8.5)
+        ax.tick_params(labelsize=6.5)
+        if not same_scale:
+            cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+            cb.ax.tick_params(labelsize=6)
+            cb.formatter.set_powerlimits((-2, 3))
+            cb.ax.yaxis.get_offset_text().set_fontsize(6)
+    for j in range(n, rows * cols):
+        axes[j // cols][j % cols].set_visible(False)
+    if same_scale and im is not None:
+        cb = fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01)
+        cb.set_label("share of the gradient mass per pixel", fontsize=9)
+    opts = comp.options
+    shape = "x".join(str(s) for s in opts.get("input_shape", []))
+    fig.suptitle(f"ERF of the centre unit of pooling_net(module), input {shape}, "
+                 f"{opts.get('init')} init, reduce={opts.get('reduce')}, "
+                 f"{opts.get('groups', 0) * opts.get('draws', 0)} weight draws x {opts.get('n_inputs')} inputs\n"
+                 "dashed box: TRF;  cyan: 2σ ellipse of the fitted Gaussian", fontsize=10)
+    return fig
+
+
+_KIND_COLORS = {"fixed": "#4c72b0", "data-dependent": "#dd8452", "learnable": "#55a868", "stochastic": "#c44e52"}
+
+
+def ratio_bars(comp):
+    """Horizontal bars of ERF size / TRF side per module (sorted), with standard-error whiskers.
+
+    Bars are coloured by the module's kind (fixed, data-dependent, learnable, stochastic);
+    hatched bars are modules whose unit sees the whole input (ratio to the local TRF, or to the
+    input for spectral pooling).
+    """
+    from matplotlib.patches import Patch
+
+    rows = [r for r in comp.rows if r.get("erf_trf_ratio") is not None and np.isfinite(r["erf_trf_ratio"])]
+    rows.sort(key=lambda r: r["erf_trf_ratio"])
+    fig = new_figure(6.4, 0.26 * len(rows) + 1.4)
+    ax = fig.subplots()
+    y = np.arange(len(rows))
+    vals = [r["erf_trf_ratio"] for r in rows]
+    errs = [r["erf_trf_ratio_se"] if np.isfinite(r["erf_trf_ratio_se"]) else 0.0 for r in rows]
+    bars = ax.barh(y, vals, xerr=errs, color=[_KIND_COLORS.get(r["kind"], "grey") for r in rows],
+                   error_kw={"elinewidth": 1, "capsize": 2}, height=0.7)
+    for b, r in zip(bars, rows):
+        if r.get("trf_global"):
+            b.set_hatch("//")
+            b.set_edgecolor("white")
+    ax.set_yticks(y, [f"{r['pool']} (TRF {r['trf_size']:.0f})" for r in rows], fontsize=8)
+    ax.set_xlabel("ERF size / TRF side (Luo et al. size: pixels above 4.55 % of the centre)", fontsize=8.5)
+    ax.set_xlim(0, max(v + e for v, e in zip(vals, errs)) * 1.12 if vals else 1)
+    ax.grid(axis="x", alpha=0.3)
+    handles = [Patch(color=c, label=k) for k, c in _KIND_COLORS.items()]
+    handles.append(Patch(facecolor="lightgrey", hatch="//", edgecolor="white", label="global unit"))
+    ax.legend(handles=handles, fontsize=7, loc="lower right", framealpha=0.9)
+    ax.set_title("ERF/TRF ratio per pooling module (± standard error)", fontsize=10)
+    return fig
+
+
+def plot_diff(d, ax=None, zmax: float = 5.0):
+    """z-score map of an :class:`erf.compare.ERFDiff` (red: a > b, blue: a < b), clipped at +-zmax."""
+    ax = _axes(ax)
+    z = np.clip(np.nan_to_num(d.z, posinf=zmax, neginf=-zmax), -zmax, zmax)
+    if z.ndim == 1:
+        ax.plot(z, "k.-")
+        ax.set_ylabel("z = (a - b) / se")
+        return ax
+    if z.ndim == 3:
+        z = z[z.shape[0] // 2]
+    im = ax.imshow(z, cmap="RdBu_r", vmin=-zmax, vmax=zmax, interpolation="nearest")
+    cb = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    cb.set_label("z = (a - b) / sqrt(se_a² + se_b²)", fontsize=8)
+    ax.set_title(f"difference a - b: max |z| {d.max_abs_z:.1f}, |z| > 3 at {100 * d.frac_significant:.1f} %",
+                 fontsize=9)
+    ax.set_xlabel("column")
+    ax.set_ylabel("row")
+    return ax
+
+
+def _gauss_profile(fit, axis: int, at: float, n: int) -> np.ndarray:
+    """The fitted 2-D Gaussian along one row (axis=1) or column (axis=0) at position ``at``."""
+    x = np.arange(n, dtype=float)
+    mu, cov = np.asarray(fit.center, float), np.asarray(fit.cov, float)
+    P = np.linalg.inv(cov)
+    pts = np.zeros((n, 2))
+    pts[:, axis] = x
+    pts[:, 1 - axis] = at
+    dx = pts - mu
+    return fit.amplitude * np.exp(-0.5 * np.einsum("ni,ij,nj->n", dx, P, dx))
+
+
+def map_figure(result, title: str | None = None):
+    """Four panels of one 2-D ERF: linear heatmap, log heatmap (TRF box, fitted 1σ/2σ ellipses),
+    and the row and column through the unit's TRF centre against the fitted Gaussian.
+
+    The log view is log10(1 + 10^4 map / max) / 4, which shows the tails down to 1e-4 of the peak.
+    """
+    data = result.nonnegative_map
+    if data.ndim == 3:
+        data = data[data.shape[0] // 2]
+    fig = new_figure(10.5, 8.4)
+    axes = fig.subplots(2, 2)
+    plot_result(result, ax=axes[0, 0], title="linear scale")
+    plot_result(result, ax=axes[0, 1], log=True, title="log scale (1e-4 of the peak and up)")
+    trf = _safe_trf(result)
+    fit = result.fit
+    if trf is not None and all(0 <= c <= n - 1 for c, n in zip(trf.center, data.shape)):
+        centre = [float(c) for c in trf.center]
+    else:
+        centre = [n // 2 for n in data.shape]
+    for ax, axis, name in ((axes[1, 0], 1, "row"), (axes[1, 1], 0, "column")):
+        other = centre[1 - axis]
+        idx = int(np.floor(other + 0.5))
+        prof = data[idx, :] if axis == 1 else data[:, idx]
+        x = np.arange(prof.size)
+        ax.plot(x, prof, "k.-", lw=0.8, ms=3, label="measured")
+        if fit is not None:
+            ax.plot(x, _gauss_profile(fit, axis, idx, prof.size), "c-", lw=1.5, label="fitted Gaussian")
+        if trf is not None and not getattr(trf, "is_global", False):
+            lo, hi = trf.region[axis]
+            ax.axvspan(lo - 0.5, hi + 0.5, color="0.85", zorder=0, label=f"TRF ({trf.size[axis]} px)")
+        ax.set_xlabel("column" if axis == 1 else "row")
+        ax.set_ylabel("mean contribution")
+        ax.set_title(f"centre {name} ({'row' if axis == 1 else 'column'} {idx})", fontsize=9)
+        ax.legend(fontsize=7)
+        ax.set_xlim(-0.5, prof.size - 0.5)
+    fig.suptitle(title or _title(result), fontsize=10)
+    return fig
+
+
+def theory_figure(cases: list[dict]):
+    """Measured linear-stack ERFs against the multinomial theory (Luo et al. 2016).
+
+    Top row: the centre row of each measured map (mass-normalised, dots; ±2 standard errors for
+    the random-weight case) and of the theory (line), log scale. Bottom row: the residual
+    measured - theory along that row, relative to the theory's peak (uniform weights: rounding
+    only) or in standard errors (random weights: z-scores, expected within ±3).
+    """
+    fig = new_figure(10.5, 7.6)
+    axes = fig.subplots(2, len(cases), squeeze=False)
+    for j, cs in enumerate(cases):
+        meas, th, se = cs["_meas"], cs["_theory"], cs["_se"]
+        c = meas.shape[0] // 2
+        x = np.arange(meas.shape[1]) - (meas.shape[1] - 1) / 2
+        ax = axes[0][j]
+        ax.semilogy(x, th[c], "-", color="C0", lw=1.5, label="theory (multinomial)")
+        if cs["n"] > 1:
+            ax.errorbar(x, meas[c], yerr=2 * se[c], fmt="k.", ms=4, elinewidth=0.8, label="measured ± 2 se")
+        else:
+            ax.semilogy(x, meas[c], "k.", ms=4, label="measured")
+        ax.set_title(f"{cs['case']}\ndepth {cs['depth']}, k {cs['k']}, TRF {cs['trf']}: σ {cs['sigma_measured']:.4f} "
+                     f"(theory {cs['sigma_theory']:.4f})", fontsize=9)
+        ax.set_xlabel("offset from the unit (px)")
+        ax.set_ylabel("share of the map's mass (centre row)")
+        ax.legend(fontsize=7)
+        ax2 = axes[1][j]
+        if cs["n"] > 1:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                z = np.where(se[c] > 0, (meas[c] - th[c]) / np.where(se[c] > 0, se[c], 1), 0.0)
+            ax2.bar(x, z, color="C3", width=0.8)
+            ax2.axhline(3, color="0.5", ls=":", lw=1)
+            ax2.axhline(-3, color="0.5", ls=":", lw=1)
+            ax2.set_ylabel("(measured - theory) / se")
+            ax2.set_title(f"residual in standard errors (max |z| over the map {cs['max_abs_z']:.2f})", fontsize=9)
+        else:
+            r = (meas[c] - th[c]) / th.max()
+            ax2.plot(x, r, "o", color="C3", ms=4)
+            ax2.set_ylabel("(measured - theory) / theory peak")
+            if not np.any(r):
+                ax2.set_ylim(-1e-15, 1e-15)
+                ax2.text(0.5, 0.75, "measured = theory at every position\n(exact in float64)",
+                         transform=ax2.transAxes, ha="center", fontsize=9)
+            ax2.set_title(f"residual (max |r| over the map {cs['max_abs_residual']:.1e})", fontsize=9)
+            ax2.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        ax2.set_xlabel("offset from the unit (px)")
+        ax2.axhline(0, color="k", lw=0.6)
+    fig.suptitle("Linear 3x3 stacks: measured ERF against the closed form of Luo et al. (2016)", fontsize=10)
+    return fig
+
+
+def growth_figure(series: dict, slopes: dict, k: int = 3):
+    """ERF size and TRF size against depth on log-log axes (left), ERF/TRF ratio (right).
+
+    Points are measurements (ERF size by Luo et al.'s 4.55 %-of-centre rule), lines the least-squares
+    fits whose slopes are in the legend; the theory for linear stacks is ERF ~ depth^0.5, TRF ~ depth^1.
+    """
+    fig = new_figure(11, 4.6)
+    ax, ax2 = fig.subplots(1, 2)
+    markers = {"linear": "o", "relu": "s", "tanh": "^"}
+    trf_drawn = False
+    for i, (act, s) in enumerate(series.items()):
+        d = np.asarray(s["depth"], float)
+        col = f"C{i}"
+        sl = slopes[act]
+        b = np.polyfit(np.log(d), np.log(s["erf"]), 1)
+        ax.loglog(d, s["erf"], markers.get(act, "D"), color=col, label=f"ERF {act}: slope {sl['erf_slope']:.3f}")
+        ax.loglog(d, np.exp(np.polyval(b, np.log(d))), "-", color=col, lw=1)
+        b2 = np.polyfit(np.log(d), np.log(s["ratio"]), 1)
+        ax2.loglog(d, s["ratio"], markers.get(act, "D"), color=col, label=f"{act}: slope {sl['ratio_slope']:.3f}")
+        ax2.loglog(d, np.exp(np.polyval(b2, np.log(d))), "-", color=col, lw=1)
+        if not trf_drawn:
+            ax.loglog(d, s["trf"], "k--", marker="x", lw=1, label=f"TRF: slope {sl['trf_slope']:.3f}")
+            trf_drawn = True
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    depths = sorted({int(d) for s in series.values() for d in s["depth"]})
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    for a in (ax, ax2):
+        a.set_xticks(depths)
+        a.xaxis.set_major_formatter(plain)
+        a.xaxis.set_minor_formatter(NullFormatter())
+        a.yaxis.set_major_formatter(plain)
+        a.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "2358" else ""))
+        a.tick_params(axis="y", which="minor", labelsize=7)
+        a.set_xlabel("depth (number of 3x3 layers)" if k == 3 else f"depth (number of {k}x{k} layers)")
+        a.grid(True, which="both", alpha=0.3)
+        a.legend(fontsize=8)
+    ax.set_ylabel("size (px)")
+    ax.set_title("ERF and TRF size against depth", fontsize=10)
+    ax2.set_ylabel("ERF size / TRF size")
+    ax2.set_title("ERF/TRF ratio shrinks as depth^-1/2", fontsize=10)
+    fig.suptitle("Luo et al. (2016): ERF grows as sqrt(depth), TRF linearly "
+                 "(linear: uniform weights; relu/tanh: random N(0, 1/fan_in) weights)", fontsize=10)
+    return fig

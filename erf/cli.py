@@ -1,0 +1,566 @@
+"""Command-line interface: ``erf map|compare|trf|theory|growth|pools``.
+
+``main(argv) -> int`` parses, runs one command and writes its files; ``erf``, ``python -m erf``
+and ``python cli.py`` all call :func:`main_entry`. Each command is a pure function of its
+arguments returning an :class:`Outcome` (summary, text and the files to write); the files are
+written at the edge, each atomically (temp file + rename). Exit status: 0 success; 2 bad usage
+or bad input (one line on stderr, no traceback); 1 an unexpected failure; 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+__all__ = ["main", "main_entry", "build_parser"]
+
+
+class UsageError(Exception):
+    """Bad command-line usage (argparse errors): exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises :class:`UsageError` (one line) instead of printing usage and exiting."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+@dataclass
+class Outcome:
+    """What a command produced: a JSON-able summary, the text for stdout, files to write."""
+
+    summary: dict[str, Any]
+    text: str
+    files: list[tuple[str, Callable[[str], Any]]] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------ helpers
+def _progress(args) -> bool:
+    return not getattr(args, "no_progress", False)
+
+
+def _out_path(args, name: str, ext: str | None = None) -> str:
+    return os.path.join(args.out, f"{name}.{ext or args.format}")
+
+
+def _figure_writer(fig) -> Callable[[str], Any]:
+    from erf.plot import save_figure
+
+    return lambda path: save_figure(fig, path)
+
+
+def _text_writer(text: str) -> Callable[[str], Any]:
+    from erf.compare import write_text_atomic
+
+    return lambda path: write_text_atomic(path, text)
+
+
+def _jsonable(value: Any) -> Any:
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _markdown(rows: list[dict[str, Any]], columns: Sequence[str], fmt: dict[str, str] | None = None) -> str:
+    fmt = fmt or {}
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        cells = []
+        for c in columns:
+            v = r.get(c)
+            if isinstance(v, float):
+                cells.append("—" if not math.isfinite(v) else format(v, fmt.get(c, ".4g")))
+            elif isinstance(v, (tuple, list)):
+                cells.append("x".join(str(x) for x in v))
+            else:
+                cells.append("—" if v is None else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _slope(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+    """Least-squares slope and intercept of log y against log x."""
+    import numpy as np
+
+    s, b = np.polyfit(np.log(np.asarray(x, float)), np.log(np.asarray(y, float)), 1)
+    return float(s), float(b)
+
+
+# ------------------------------------------------------------------------------ model + engine options
+def _model_for(args, spec, input_shape):
+    """The model (module with --weights, else a factory) and the engine's init for one run."""
+    from erf.compare import kaiming_init
+
+    init = args.init
+    if args.weights:
+        if init != "default" or args.draws not in (None, 1):
+            raise ValueError("--weights uses the given weights as they are: leave --init at default and --draws at 1")
+        from erf.models import load_weights
+
+        return load_weights(spec.build(input_shape[0]), args.weights), "default"
+    factory = spec.factory(input_shape[0])
+    if init == "kaiming":
+        base = factory
+
+        def factory():  # noqa: F811 - the He-initialised variant of the spec's factory
+            return kaiming_init(base())
+
+        factory.__qualname__ = f"{spec.spec}+kaiming"
+        init = "default"
+    return factory, init
+
+
+def _engine_kwargs(args) -> dict[str, Any]:
+    from erf.models import parse_unit
+
+    kw: dict[str, Any] = {"reduce": args.reduce, "method": args.method, "seed": args.seed,
+                          "progress": _progress(args), "device": args.device, "batch_size": args.batch_size}
+    if args.inputs is not None:
+        kw["inputs"] = args.inputs
+    if args.n_inputs is not None:
+        kw["n_inputs"] = args.n_inputs
+    if args.draws is not None:
+        kw["draws"] = args.draws
+    if args.layer is not None:
+        kw["layer"] = args.layer
+    if args.unit is not None:
+        kw["unit"] = parse_unit(args.unit)
+    if args.channel is not None:
+        try:
+            ch = [int(c) for c in args.channel.split(",")]
+        except ValueError:
+            raise ValueError(f"--channel must be an int or comma-separated ints, got {args.channel!r}") from None
+        kw["channel"] = ch[0] if len(ch) == 1 else ch
+    if args.checkpoint is not None:
+        kw["checkpoint"] = args.checkpoint
+    if args.resume:
+        kw["resume"] = True
+    if args.until_stderr is not None:
+        kw["until_stderr"] = args.until_stderr
+    return kw
+
+
+def _input_shape(args, spec) -> tuple[int, ...]:
+    from erf.models import parse_input_shape
+
+    return parse_input_shape(args.input_shape) if args.input_shape else spec.default_input_shape
+
+
+# ------------------------------------------------------------------------------ commands
+def cmd_map(args) -> Outcome:
+    """ERF heatmap of one unit: figure (linear/log views, TRF box, 1σ/2σ ellipses, profiles), .npz, summary."""
+    from erf.engine import effective_rf
+    from erf.models import parse_model
+    from erf.plot import map_figure
+
+    spec = parse_model(args.model)
+    shape = _input_shape(args, spec)
+    model, init = _model_for(args, spec, shape)
+    t0 = time.perf_counter()
+    result = effective_rf(model, shape, init=init, **_engine_kwargs(args))
+    seconds = time.perf_counter() - t0
+    summary = _result_summary(result)
+    summary.update({"model": spec.spec, "seconds": round(seconds, 3)})
+    name = f"map_{spec.slug}"
+    files = [(_out_path(args, name, "npz"), result.save)]
+    if result.ndim_spatial == 2:
+        files.insert(0, (_out_path(args, name), _figure_writer(map_figure(result, title=_map_title(spec, result)))))
+    else:
+        from erf.plot import new_figure, plot_result
+
+        fig = new_figure(6, 4.5)
+        plot_result(result, ax=fig.subplots())
+        files.insert(0, (_out_path(args, name), _figure_writer(fig)))
+    rows = [{"quantity": k, "value": v} for k, v in summary.items() if k not in ("config",)]
+    return Outcome(summary, _markdown(rows, ["quantity", "value"]), files)
+
+
+def _map_title(spec, result) -> str:
+    from erf.plot import _title
+
+    cfg = result.config
+    return (f"{spec.spec}: {_title(result)}\ninit={cfg.get('init')}, reduce={cfg.get('reduce')}, "
+            f"draws={cfg.get('draws')}, inputs/draw={cfg.get('n_inputs')}, method={cfg.get('method')}")
+
+
+def _result_summary(result) -> dict[str, Any]:
+    out: dict[str, Any] = {"layer": result.layer or "output", "unit": list(result.unit),
+                           "input_shape": list(result.input_shape), "n": result.n}
+    mom = result.moments
+    out["sigma_moments"] = [round(float(s), 4) for s in mom.sigma]
+    fit = result.fit
+    out["sigma_fit"] = None if fit is None else [round(float(s), 4) for s in fit.sigma]
+    out["fit_r2"] = None if fit is None else round(float(fit.r2), 5)
+    trf = result.trf
+    if trf is not None:
+        out["trf_size"] = list(trf.size)
+        out["trf_global"] = bool(getattr(trf, "is_global", False))
+    met = result.metrics
+    out["erf_size"] = None if met["erf_size"] is None else round(float(met["erf_size"]), 3)
+    ratio = met.get("erf_trf_ratio")
+    out["erf_trf_ratio"] = None if not ratio else round(float(ratio["overall"]), 4)
+    out["anisotropy"] = round(float(met["anisotropy"]), 4)
+    out["area_ratio"] = {str(k): (None if v is None else round(float(v), 5)) for k, v in met["area_ratio"].items()}
+    return out
+
+
+def cmd_compare(args) -> Outcome:
+    """The pooling-module comparison: grid figure, ratio bar chart, table as md/csv/json."""
+    from erf.compare import compare
+    from erf.models import parse_input_shape
+
+    kw: dict[str, Any] = {"progress": _progress(args), "seed": args.seed, "reduce": args.reduce,
+                          "device": args.device, "batch_size": args.batch_size}
+    for name in ("groups", "draws", "n_inputs"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    if args.init is not None:
+        kw["init"] = args.init
+    if args.inputs is not None:
+        kw["inputs"] = args.inputs
+    shape = parse_input_shape(args.input_shape) if args.input_shape else (3, 128, 128)
+    comp = compare(args.pools, input_shape=shape, **kw)
+    md = comp.to_markdown()
+    files = [(_out_path(args, "compare_grid"), _figure_writer(comp.plot_grid(same_scale=args.same_scale))),
+             (_out_path(args, "compare_ratios"), _figure_writer(comp.plot_ratios())),
+             (_out_path(args, "compare", "md"), _text_writer(md)),
+             (_out_path(args, "compare", "csv"), comp.to_csv),
+             (_out_path(args, "compare", "json"), comp.to_json)]
+    return Outcome(comp.to_dict(), md, files)
+
+
+def cmd_trf(args) -> Outcome:
+    """Theoretical receptive field of one unit, one row per layer."""
+    from erf.models import parse_model, parse_unit
+    from erf.trf import theoretical_rf
+
+    spec = parse_model(args.model)
+    shape = _input_shape(args, spec)
+    model = spec.build(shape[0])
+    if args.weights:
+        from erf.models import load_weights
+
+        load_weights(model, args.weights)
+    unit = parse_unit(args.unit) if args.unit is not None else None
+    rep = theoretical_rf(model, shape, layer=args.layer, unit=unit)
+    summary = {"model": spec.spec, "input_shape": list(shape), "size": rep.size, "jump": rep.jump,
+               "padding": rep.padding, "region": rep.region, "center": rep.center, "is_global": rep.is_global,
+               "local_size": getattr(rep, "local_size", None), "table": rep.table()}
+    summary = _jsonable(summary)
+    text = rep.to_text() + "\n"
+    files = []
+    if args.out_given:
+        files.append((_out_path(args, f"trf_{spec.slug}", "txt"), _text_writer(text)))
+        files.append((_out_path(args, f"trf_{spec.slug}", "json"), _text_writer(json.dumps(summary, indent=1) + "\n")))
+    return Outcome(summary, text, files)
+
+
+def cmd_theory(args) -> Outcome:
+    """Linear stacks against the closed forms: uniform weights vs the multinomial profile, and the
+    ``square`` map of random weights vs the same shape (Luo et al. 2016)."""
+    import numpy as np
+    import torch
+
+    from erf import theory
+    from erf.engine import effective_rf
+    from erf.nets import conv_stack
+    from erf.plot import theory_figure
+
+    n, k = args.depth, args.k
+    trf = n * (k - 1) + 1
+    side = trf + 2 * max(4, trf // 4)
+    shape = (1, side, side)
+    layers = [theory.Layer.uniform(k, ndim=2)] * n
+    prof = np.array(theory.binomial_profile(n, k), dtype=np.float64)
+    expected = np.outer(prof, prof)
+    sigma_th = float(theory.gaussian_sigma(layers)[0])
+    common = {"progress": _progress(args), "device": args.device, "seed": args.seed}
+    uni = effective_rf(lambda: conv_stack(n, k), shape, init="ones", reduce="mean", n_inputs=1,
+                       dtype=torch.float64, **common)
+    rnd = effective_rf(lambda: conv_stack(n, k, width=args.width, in_channels=1), shape, init="normal", reduce="square",
+                       n_inputs=1, draws=args.draws, **common)
+    c = side // 2
+    lo = c - (trf - 1) // 2
+    win = (slice(lo, lo + trf), slice(lo, lo + trf))
+    cases = []
+    for name, res in (("uniform weights, reduce=mean", uni), ("random N(0,1/fan_in), reduce=square", rnd)):
+        m = res.map[win]
+        total = float(m.sum())
+        meas, se = m / total, res.stderr[win] / total
+        th = expected / expected.sum()
+        resid = meas - th
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = np.where(se > 0, resid / np.where(se > 0, se, 1), 0.0)
+        outside = float(np.abs(res.map).sum() - np.abs(m).sum()) / max(abs(total), 1e-300)
+        cases.append({"case": name, "depth": n, "k": k, "trf": trf, "n": res.n,
+                      "sigma_measured": float(res.moments.sigma[0]), "sigma_theory": sigma_th,
+                      "max_abs_residual": float(np.abs(resid).max() / th.max()),
+                      "max_abs_z": float(np.abs(z).max()) if res.n > 1 else None,
+                      "mass_outside_trf": outside, "_meas": meas, "_theory": th, "_se": se})
+    fig = theory_figure(cases)
+    rows = [{k2: v for k2, v in cs.items() if not k2.startswith("_")} for cs in cases]
+    text = _markdown(rows, ["case", "depth", "k", "trf", "n", "sigma_measured", "sigma_theory", "max_abs_residual",
+                            "max_abs_z"], {"sigma_measured": ".5f", "sigma_theory": ".5f", "max_abs_residual": ".2e",
+                                           "max_abs_z": ".2f"})
+    summary = _jsonable({"depth": n, "k": k, "input_shape": list(shape), "rows": rows})
+    files = [(_out_path(args, f"theory_n{n}_k{k}"), _figure_writer(fig)),
+             (_out_path(args, f"theory_n{n}_k{k}", "md"), _text_writer(text))]
+    return Outcome(summary, text, files)
+
+
+def cmd_growth(args) -> Outcome:
+    """ERF size and TRF size against depth (log-log), with fitted slopes, for linear/ReLU/tanh stacks."""
+    import torch
+
+    from erf.engine import effective_rf
+    from erf.nets import conv_stack
+    from erf.plot import growth_figure
+
+    try:
+        depths = sorted({int(d) for d in args.depths.split(",")})
+    except ValueError:
+        raise ValueError(f"--depths must be comma-separated ints such as 8,16,32, got {args.depths!r}") from None
+    if len(depths) < 2 or depths[0] < 1:
+        raise ValueError(f"--depths needs at least two positive depths, got {args.depths!r}")
+    acts = [a.strip() for a in args.acts.split(",") if a.strip()]
+    from erf.nets import _ACTIVATIONS
+
+    for a in acts:
+        if a != "linear" and a not in _ACTIVATIONS:
+            raise ValueError(f"--acts: unknown activation {a!r}; valid: linear, {', '.join(sorted(_ACTIVATIONS))}")
+    rows = []
+    series: dict[str, dict[str, list[float]]] = {}
+    for act in acts:
+        s = series.setdefault(act, {"depth": [], "erf": [], "trf": [], "ratio": []})
+        for n in depths:
+            trf_side = n * (args.k - 1) + 1
+            side = trf_side + 2 * max(8, trf_side // 4)
+            shape = (1, side, side)
+            if act == "linear":  # uniform weights: exact with one input
+                res = effective_rf(lambda n=n: conv_stack(n, args.k), shape, init="ones", reduce="mean", n_inputs=1,
+                                   dtype=torch.float64, progress=_progress(args), device=args.device, seed=args.seed)
+            else:
+                res = effective_rf(lambda n=n, act=act: conv_stack(n, args.k, width=args.width, act=act, in_channels=1), shape,
+                                   init="normal", reduce="abs", n_inputs=args.n_inputs, draws=args.draws,
+                                   progress=_progress(args), device=args.device, seed=args.seed)
+            trf = res.trf
+            size = float(trf.size[0]) if trf is not None else float(trf_side)
+            erf_size = res.metrics["erf_size"]
+            rows.append({"act": act, "depth": n, "trf_size": size, "erf_size": erf_size,
+                         "erf_trf_ratio": erf_size / size, "sigma": float(res.moments.sigma[0]), "n": res.n})
+            s["depth"].append(n)
+            s["erf"].append(erf_size)
+            s["trf"].append(size)
+            s["ratio"].append(erf_size / size)
+    slopes = {}
+    for act, s in series.items():
+        slopes[act] = {"erf_slope": _slope(s["depth"], s["erf"])[0], "trf_slope": _slope(s["depth"], s["trf"])[0],
+                       "ratio_slope": _slope(s["depth"], s["ratio"])[0]}
+    fig = growth_figure(series, slopes, k=args.k)
+    text = _markdown(rows, ["act", "depth", "trf_size", "erf_size", "erf_trf_ratio", "sigma", "n"],
+                     {"erf_size": ".3f", "erf_trf_ratio": ".4f", "sigma": ".3f", "trf_size": ".0f"})
+    slope_rows = [{"act": a, **v} for a, v in slopes.items()]
+    text += "\nlog-log slopes against depth (theory for linear stacks: ERF 0.5, TRF 1, ratio -0.5)\n\n"
+    text += _markdown(slope_rows, ["act", "erf_slope", "trf_slope", "ratio_slope"],
+                      {"erf_slope": ".3f", "trf_slope": ".3f", "ratio_slope": ".3f"})
+    summary = _jsonable({"k": args.k, "depths": depths, "rows": rows, "slopes": slopes})
+    files = [(_out_path(args, "growth"), _figure_writer(fig)), (_out_path(args, "growth", "md"), _text_writer(text))]
+    return Outcome(summary, text, files)
+
+
+def cmd_pools(args) -> Outcome:
+    """The pooling modules of ``erf.pooling.REGISTRY`` with kind, locality, receptive-field rule and paper."""
+    from erf.pooling import REGISTRY
+
+    rows = [{"name": e.name, "role": "head" if e.head else ("downsampling" if e.downsampling else "same size"),
+             "kind": e.kind, "locality": e.locality, "rf": e.rf, "paper": e.paper} for e in REGISTRY.values()]
+    text = _markdown(rows, ["name", "role", "kind", "locality", "rf", "paper"])
+    return Outcome({"pools": rows}, text, [])
+
+
+# ------------------------------------------------------------------------------ parser
+_EPILOG = {
+    "map": "example:\n  erf map pool:softpool --n-inputs 32 --draws 4\n  erf map stack:10 --init ones --reduce mean "
+           "--input-shape 1x48x48\n  erf map torchvision:resnet18 --layer layer2 --input-shape 3x128x128 --out maps",
+    "compare": "example:\n  erf compare                      # every module, writes figures/compare_*\n"
+               "  erf compare --pools max,avg,softpool --json --out /tmp/cmp",
+    "trf": "example:\n  erf trf torchvision:resnet18\n  erf trf pool:maxblur --input-shape 3x128x128 --json",
+    "theory": "example:\n  erf theory --depth 10 --k 3",
+    "growth": "example:\n  erf growth                        # linear, ReLU and tanh stacks\n"
+              "  erf growth --acts linear --depths 8,16,32,64",
+    "pools": "example:\n  erf pools --json",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``erf`` argument parser (subcommands map, compare, trf, theory, growth, pools)."""
+    p = _Parser(prog="erf", description="Effective receptive fields of PyTorch networks (Luo et al. 2016).",
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog="MODEL: pool:NAME | stack:N[:ACT] | torchvision:NAME | timm:NAME | FILE.py:FACTORY | "
+                       "package.module:FACTORY\nexample:\n  erf compare\n  erf map pool:max\n  erf map --help")
+    from erf import __version__
+
+    p.add_argument("--version", action="version", version=f"erf {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    out = _Parser(add_help=False)
+    g = out.add_argument_group("output")
+    g.add_argument("--out", metavar="DIR", default=None, help="folder for figures and files (default: figures)")
+    g.add_argument("--format", choices=("png", "pdf", "svg"), default="png", help="figure format (default png)")
+    g.add_argument("--json", action="store_true", help="print one machine-readable JSON summary on stdout")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars (they go to stderr, only on a terminal)")
+
+    run = _Parser(add_help=False)
+    r = run.add_argument_group("measurement (as erf.effective_rf)")
+    r.add_argument("--input-shape", metavar="CxHxW", help="input shape, e.g. 3x64x64 (default: suits the model)")
+    r.add_argument("--inputs", help="gaussian, uniform or images:DIR (default gaussian)")
+    r.add_argument("--n-inputs", type=int, help="inputs per weight draw")
+    r.add_argument("--draws", type=int, help="random weight draws")
+    r.add_argument("--init", help="default, ones, normal or kaiming (He-normal convs, zero biases)")
+    r.add_argument("--reduce", choices=("abs", "mean", "square", "relu"), default="abs", help="gradient -> map")
+    r.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    r.add_argument("--seed", type=int, default=0, help="seed of every random stream (default 0)")
+    r.add_argument("--batch-size", type=int, help="batch size (default: auto)")
+
+    unit = _Parser(add_help=False)
+    u = unit.add_argument_group("unit")
+    u.add_argument("--layer", help="module path holding the unit, e.g. layer3 (default: model output)")
+    u.add_argument("--unit", metavar="R,C", help="spatial index of the unit, e.g. 8,8 (default: centre)")
+    u.add_argument("--weights", metavar="PATH", help="state dict for the model (torch.load weights_only=True)")
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    m = sub.add_parser("map", parents=[run, unit, out], help="ERF heatmap of one unit: figure + .npz + summary",
+                       description="ERF heatmap of one unit: figure + .npz + summary.", epilog=_EPILOG["map"],
+                       formatter_class=fmt)
+    m.add_argument("model", metavar="MODEL")
+    m.add_argument("--channel", help="channel(s) of the unit, e.g. 3 or 0,5 (default: sum over channels)")
+    m.add_argument("--method", default="gradient",
+                   choices=("gradient", "guided_backprop", "deconvolution", "integrated_gradients"))
+    m.add_argument("--checkpoint", metavar="PATH", help="save the running sums here; with --resume continue")
+    m.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    m.add_argument("--until-stderr", type=float, metavar="X", help="stop once the centre's relative stderr < X")
+    m.set_defaults(func=cmd_map, init="default")
+
+    c = sub.add_parser("compare", parents=[run, out], help="the pooling-module comparison (grid, bars, table)",
+                       description="ERF of pooling_net(module) for every downsampling module of erf.pooling, "
+                                   "with standard errors from independent groups of weight draws.",
+                       epilog=_EPILOG["compare"], formatter_class=fmt)
+    c.add_argument("--pools", default="all", help="comma-separated module names or 'all' (default)")
+    c.add_argument("--groups", type=int, help="independent groups of draws for standard errors (default 4)")
+    c.add_argument("--same-scale", action="store_true", help="grid: maps as mass shares on one colour scale")
+    c.set_defaults(func=cmd_compare, init=None)
+
+    t = sub.add_parser("trf", parents=[unit, out], help="theoretical receptive field per layer",
+                       description="Theoretical receptive field of one unit, per layer (erf.theoretical_rf).",
+                       epilog=_EPILOG["trf"], formatter_class=fmt)
+    t.add_argument("model", metavar="MODEL")
+    t.add_argument("--input-shape", metavar="CxHxW", help="input shape, e.g. 3x224x224")
+    t.set_defaults(func=cmd_trf)
+
+    th = sub.add_parser("theory", parents=[out], help="binomial/Gaussian theory against measurement",
+                        description="Linear 3x3 stacks against the closed forms of Luo et al. 2016: uniform "
+                                    "weights vs the multinomial profile (exact), and the square map of random "
+                                    "weights vs the same shape.", epilog=_EPILOG["theory"], formatter_class=fmt)
+    th.add_argument("--depth", type=int, default=10, help="layers (default 10)")
+    th.add_argument("--k", type=int, default=3, help="kernel size (default 3)")
+    th.add_argument("--draws", type=int, default=128, help="random weight draws for the square map (default 128)")
+    th.add_argument("--width", type=int, default=16, help="channels of the random stack (default 16)")
+    th.add_argument("--device")
+    th.add_argument("--seed", type=int, default=0)
+    th.set_defaults(func=cmd_theory)
+
+    gr = sub.add_parser("growth", parents=[out], help="ERF and TRF size against depth, log-log slopes",
+                        description="ERF size (Luo et al.) and TRF size of 3x3 stacks against depth, with "
+                                    "least-squares log-log slopes (theory: ERF 0.5, TRF 1).",
+                        epilog=_EPILOG["growth"], formatter_class=fmt)
+    gr.add_argument("--depths", default="8,16,32,64", help="comma-separated depths (default 8,16,32,64)")
+    gr.add_argument("--acts", default="linear,relu,tanh", help="linear (uniform weights) and/or activations")
+    gr.add_argument("--k", type=int, default=3)
+    gr.add_argument("--width", type=int, default=4, help="channels of the random stacks (default 4)")
+    gr.add_argument("--draws", type=int, default=4, help="weight draws of the random stacks (default 4)")
+    gr.add_argument("--n-inputs", type=int, default=8, help="inputs per draw of the random stacks (default 8)")
+    gr.add_argument("--device")
+    gr.add_argument("--seed", type=int, default=0)
+    gr.set_defaults(func=cmd_growth)
+
+    po = sub.add_parser("pools", parents=[out], help="the pooling modules and their receptive-field rules",
+                        description="The pooling modules of erf.pooling with kind, locality, receptive-field "
+                                    "rule and paper.", epilog=_EPILOG["pools"], formatter_class=fmt)
+    po.set_defaults(func=cmd_pools)
+    return p
+
+
+# ------------------------------------------------------------------------------ main
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) < 600 else text[:597] + "..."
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 2 bad usage/input, 1 unexpected failure)."""
+    from erf.engine import RunInterrupted
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help / --version
+        return int(exc.code or 0)
+    args.out_given = getattr(args, "out", None) is not None
+    if hasattr(args, "out") and args.out is None:
+        args.out = "figures"
+    try:
+        outcome = args.func(args)
+        written = [writer(path) or path for path, writer in outcome.files]
+    except RunInterrupted as exc:
+        print(f"erf {args.command}: {_one_line(exc)}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"erf {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, UsageError, ImportError) as exc:
+        if os.environ.get("ERF_DEBUG"):
+            raise
+        print(f"erf {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # an unexpected failure: one line, status 1
+        if os.environ.get("ERF_DEBUG"):
+            raise
+        print(f"erf {args.command}: unexpected {type(exc).__name__}: {_one_line(exc)} "
+              "(set ERF_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+    if args.json:
+        summary = dict(outcome.summary)
+        summary["files"] = [os.fspath(w) for w in written]
+        print(json.dumps(_jsonable(summary), allow_nan=False))
+    else:
+        sys.stdout.write(outcome.text)
+        for w in written:
+            print(f"wrote {w}")
+    return 0
+
+
+def main_entry() -> None:
+    """Console-script entry point: ``sys.exit(main())``."""
+    sys.exit(main())

@@ -1,0 +1,430 @@
+"""Side-by-side receptive fields of the pooling modules, and differences of two ERF maps.
+
+Luo et al., NIPS 2016 (ERF size, ERF/TRF ratio), https://arxiv.org/abs/1701.04128;
+Ding et al., RepLKNet, CVPR 2022 (high-contribution area ratio), https://arxiv.org/abs/2203.06717.
+
+Standard errors of derived numbers (ERF size, sigma, ratios, fit r2, ...) come from splitting
+each run into ``groups`` independent groups of weight draws: group g runs draws
+``g * draws .. (g + 1) * draws - 1`` (disjoint ``first_draw`` ranges, so the groups are
+independent and :meth:`erf.ERFResult.merge` joins them into exactly the run over all draws).
+The value reported is the number computed on the merged map; its standard error is the
+delete-one-group jackknife, ``sqrt((K - 1) / K * sum_g (x_(-g) - mean)^2)`` over the K maps
+that leave one group out (for a plain average it equals the standard deviation of the
+per-group values over sqrt(K), and it also covers nonlinear numbers such as the fit's r2).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from torch import nn
+
+__all__ = ["Comparison", "ERFDiff", "compare", "diff", "COLUMNS"]
+
+#: Row keys with a standard error (``key_se``), in table order.
+NUMBERS: tuple[str, ...] = ("erf_size", "sigma_row", "sigma_col", "erf_trf_ratio", "area_20", "area_30",
+                            "area_50", "area_99", "mass_radius", "anisotropy", "fit_r2")
+#: All row keys, in table order.
+COLUMNS: tuple[str, ...] = (("pool", "kind", "locality", "trf_size", "trf_global")
+                            + tuple(x for k in NUMBERS for x in (k, f"{k}_se")) + ("n", "seconds"))
+_AREA = {"area_20": 0.2, "area_30": 0.3, "area_50": 0.5, "area_99": 0.99}
+
+
+class NetFactory:
+    """Zero-argument factory ``net(pool)`` (optionally He-initialised) for one module of the registry.
+
+    ``kaiming=True`` re-draws the weights of every convolution and linear layer outside the
+    ``erf.pooling`` modules as N(0, 2 / fan_in) with zero biases (He et al. 2015,
+    https://arxiv.org/abs/1502.01852), so ReLU activations keep unit scale through the depth and
+    data-dependent modules (softpool, lp, gem, stochastic, ...) see inputs of order one.
+    """
+
+    def __init__(self, net: Callable[..., nn.Module], pool: str, kaiming: bool):
+        self.net, self.pool, self.kaiming = net, pool, kaiming
+        name = getattr(net, "__name__", type(net).__name__)
+        self.__qualname__ = f"{name}({pool!r}){'+kaiming' if kaiming else ''}"
+
+    def __call__(self) -> nn.Module:
+        model = self.net(self.pool)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"net must return an nn.Module, got {type(model).__name__}")
+        if self.kaiming:
+            kaiming_init(model)
+        return model
+
+
+def kaiming_init(model: nn.Module) -> nn.Module:
+    """He-normal weights N(0, 2 / fan_in) and zero biases for conv/linear layers outside ``erf.pooling``.
+
+    Draws from torch's global generator (the engine seeds it per weight draw); returns ``model``.
+    """
+    import torch
+
+    from erf._draws import _inside_pooling
+
+    skip = _inside_pooling(model)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and id(m) not in skip:
+                fan_in, _ = nn.init._calculate_fan_in_and_fan_out(m.weight)
+                m.weight.normal_(0.0, math.sqrt(2.0 / max(fan_in, 1)))
+                if m.bias is not None:
+                    m.bias.zero_()
+    return model
+
+
+# ------------------------------------------------------------------------------ numbers
+def _trf_side(trf: Any) -> tuple[float | None, bool]:
+    """Geometric-mean side of the TRF (the local field for global modules) and whether it is global."""
+    if trf is None:
+        return None, False
+    is_global = bool(getattr(trf, "is_global", False))
+    size = getattr(trf, "local_size", None) if is_global else None
+    size = size if size is not None else trf.size
+    try:
+        side = float(np.prod(np.asarray(size, dtype=np.float64)) ** (1.0 / len(size)))
+    except (TypeError, ValueError):
+        return None, is_global
+    return (side if math.isfinite(side) and side > 0 else None), is_global
+
+
+def numbers_of(result, trf_side: float | None = None) -> dict[str, float]:
+    """The comparison's numbers for one map: ERF size, sigma per axis, ERF/TRF, areas, fit r2, ...
+
+    ``erf_trf_ratio`` = ``erf_size / trf_side`` (Luo et al.). Missing numbers (an unfittable
+    map, no square holding 99 %) are NaN.
+    """
+    from erf.fit import fit_gaussian, metrics, moments
+
+    arr = result.nonnegative_map
+    out = {k: math.nan for k in NUMBERS}
+    if not np.any(arr > 0):
+        return out
+    mom = moments(arr)
+    out["sigma_row"], out["sigma_col"] = float(mom.sigma[-2]), float(mom.sigma[-1])
+    trf = result.trf
+    try:
+        met = metrics(arr, trf=trf)
+    except ValueError:  # a TRF centre outside the map (a unit near the border): use the array centre
+        met = metrics(arr)
+    out["erf_size"] = math.nan if met["erf_size"] is None else float(met["erf_size"])
+    if trf_side and met["erf_size"] is not None:
+        out["erf_trf_ratio"] = float(met["erf_size"]) / trf_side
+    out["mass_radius"] = float(met["mass_radius"])
+    out["anisotropy"] = float(met["anisotropy"])
+    for key, t in _AREA.items():
+        v = met["area_ratio"].get(t)
+        out[key] = math.nan if v is None else float(v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = fit_gaussian(arr)
+    out["fit_r2"] = math.nan if fit is None else float(fit.r2)
+    return out
+
+
+def jackknife(full: dict[str, float], leave_out: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Delete-one-group jackknife standard errors: sqrt((K-1)/K sum (x_-g - mean)^2) per key."""
+    k = len(leave_out)
+    se = {}
+    for key in full:
+        vals = np.array([d[key] for d in leave_out], dtype=np.float64)
+        if k < 2 or not np.all(np.isfinite(vals)):
+            se[key] = math.nan
+        else:
+            se[key] = float(math.sqrt((k - 1) / k * np.sum((vals - vals.mean()) ** 2)))
+    return se
+
+
+def _merge_all(results: Sequence[Any]):
+    out = results[0]
+    for r in results[1:]:
+        out = out.merge(r)
+    return out
+
+
+# ------------------------------------------------------------------------------ Comparison
+@dataclass
+class Comparison:
+    """The result of :func:`compare`: one row per pooling module.
+
+    Attributes:
+        rows: list of dicts with the keys of :data:`COLUMNS` (``x`` and its standard error ``x_se``).
+        results: pool name -> merged :class:`erf.ERFResult` (every group's draws).
+        options: the settings of the run (JSON-able). seconds: wall time of the run.
+    """
+
+    rows: list[dict[str, Any]]
+    results: dict[str, Any] = field(repr=False)
+    options: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def table(self) -> list[dict[str, Any]]:
+        """The rows (copies), one dict per module."""
+        return [dict(r) for r in self.rows]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able summary: options, seconds and rows (NaN written as null)."""
+        return {"options": self.options, "seconds": self.seconds, "columns": list(COLUMNS),
+                "rows": [{k: _json_number(v) for k, v in r.items()} for r in self.rows]}
+
+    def to_markdown(self) -> str:
+        """A markdown table: value ± standard error; areas in percent of the input area."""
+        head = ["module", "kind", "TRF", "ERF size", "σ row", "σ col", "ERF/TRF", "area 20 %", "area 50 %",
+                "area 99 %", "anisotropy", "fit R²"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in self.rows:
+            trf = "—" if r["trf_size"] is None else f"{r['trf_size']:.0f}" + (" (global)" if r["trf_global"] else "")
+            cells = [r["pool"], r["kind"], trf, _pm(r, "erf_size", 1), _pm(r, "sigma_row", 2),
+                     _pm(r, "sigma_col", 2), _pm(r, "erf_trf_ratio", 3), _pm(r, "area_20", 2, 100),
+                     _pm(r, "area_50", 2, 100), _pm(r, "area_99", 1, 100), _pm(r, "anisotropy", 3),
+                     _pm(r, "fit_r2", 3)]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+    def to_csv(self, path: str | os.PathLike) -> str:
+        """Write the rows as CSV (atomically); returns the path."""
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(COLUMNS), lineterminator="\n")
+        w.writeheader()
+        for r in self.rows:
+            w.writerow({k: ("" if _isnan(r[k]) or r[k] is None else r[k]) for k in COLUMNS})
+        return write_text_atomic(path, buf.getvalue())
+
+    def to_json(self, path: str | os.PathLike) -> str:
+        """Write :meth:`to_dict` as JSON (atomically); returns the path."""
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
+
+    def plot_grid(self, path: str | os.PathLike | None = None, same_scale: bool = False, cols: int | None = None):
+        """One heatmap per module with its TRF box and the fitted 2-sigma ellipse; see
+        :func:`erf.plot.comparison_grid`. Saves to ``path`` (atomically) when given; returns the Figure."""
+        from erf.plot import comparison_grid, save_figure
+
+        fig = comparison_grid(self, same_scale=same_scale, cols=cols)
+        if path is not None:
+            save_figure(fig, path)
+        return fig
+
+    def plot_ratios(self, path: str | os.PathLike | None = None):
+        """Bar chart of ERF/TRF per module with standard errors; see :func:`erf.plot.ratio_bars`."""
+        from erf.plot import ratio_bars, save_figure
+
+        fig = ratio_bars(self)
+        if path is not None:
+            save_figure(fig, path)
+        return fig
+
+
+def _isnan(v: Any) -> bool:
+    return isinstance(v, float) and math.isnan(v)
+
+
+def _json_number(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _pm(row: dict, key: str, digits: int, scale: float = 1.0) -> str:
+    v, se = row[key], row[f"{key}_se"]
+    if v is None or _isnan(v):
+        return "—"
+    s = f"{v * scale:.{digits}f}"
+    if se is not None and not _isnan(se):
+        s += f" ± {se * scale:.{digits}f}"
+    return s
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> str:
+    """Write ``text`` to ``path`` through a temp file in the same folder and a rename."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+# ------------------------------------------------------------------------------ compare
+def _resolve_pools(pools: Any) -> list[str]:
+    from erf.pooling import get_entry, list_pools
+
+    if pools == "all" or pools is None:
+        return list_pools(head=False)
+    if isinstance(pools, str):
+        pools = [p.strip() for p in pools.split(",") if p.strip()]
+    if not isinstance(pools, (list, tuple)) or not pools:
+        raise ValueError(f"pools must be 'all' or a non-empty list of pooling-module names, got {pools!r}")
+    names = []
+    for p in pools:
+        entry = get_entry(p)  # ValueError listing the valid names
+        if entry.head:
+            raise ValueError(f"pools: {p!r} is a head, not a downsampling module; valid: "
+                             f"{', '.join(list_pools(head=False))}")
+        if entry.name in names:
+            raise ValueError(f"pools: {p!r} is listed twice")
+        names.append(entry.name)
+    return names
+
+
+def compare(pools: Any = "all", net: Callable[..., nn.Module] | None = None,
+            input_shape: Sequence[int] = (3, 128, 128), *, groups: int = 4, draws: int = 3, n_inputs: int = 4,
+            init: str | Callable = "kaiming", reduce: str = "abs", seed: int = 0, progress: bool = True,
+            **options) -> Comparison:
+    """ERF of the centre unit of ``net(pool)`` for every pooling module, with standard errors.
+
+    Each module runs ``groups`` independent groups of ``draws`` weight draws x ``n_inputs``
+    Gaussian inputs (defaults 4 x 3 x 4 = 48 maps, 12 weight draws); numbers come from the merged map and their
+    standard errors from the delete-one-group jackknife (see the module docstring).
+
+    Args:
+        pools: ``"all"`` (every non-head module of ``erf.pooling.REGISTRY``), a list of names or
+            a comma-separated string.
+        net: ``net(pool_name) -> nn.Module``; default :func:`erf.nets.pooling_net` (TRF 68-89 px).
+        input_shape: ``(C, H, W)``; keep it larger than the TRF (128 x 128 by default).
+        groups, draws, n_inputs: K groups of ``draws`` draws of ``n_inputs`` inputs (groups >= 2).
+        init: ``"kaiming"`` (He-normal conv weights, zero biases, pooling modules untouched; the
+            default, so data-dependent modules see unit-scale activations) or any ``init`` of
+            :func:`erf.effective_rf`.
+        reduce, seed, progress, **options: passed to :func:`erf.effective_rf` (``batch_size``, ``device``, ...).
+    Returns:
+        :class:`Comparison`.
+    Raises:
+        ValueError: unknown pooling names, groups < 2, or a bad option of the engine.
+    """
+    from tqdm.auto import tqdm
+
+    from erf.engine import effective_rf
+    from erf.nets import pooling_net
+    from erf.pooling import get_entry
+
+    if net is None:
+        net = pooling_net
+    if not callable(net):
+        raise TypeError(f"net must be a callable net(pool_name) -> nn.Module, got {type(net).__name__}")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 2:
+        raise ValueError(f"groups must be an int >= 2 (standard errors need two groups), got {groups!r}")
+    for name, value in (("draws", draws), ("n_inputs", n_inputs)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    for bad in ("first_draw", "layer", "model"):
+        if bad in options:
+            raise ValueError(f"{bad} is not an option of compare (groups set the draws; the unit is the "
+                             "centre of the net's output)")
+    names = _resolve_pools(pools)
+    kaiming = init == "kaiming"
+    engine_init = "default" if kaiming else init
+    t_start = time.perf_counter()
+    rows, results = [], {}
+    bar = tqdm(total=len(names) * groups, disable=None if progress else True, delay=1.0, unit="group",
+               desc="compare", file=sys.stderr, dynamic_ncols=True, leave=False)
+    try:
+        for name in names:
+            t0 = time.perf_counter()
+            factory = NetFactory(net, name, kaiming)
+            parts = []
+            for g in range(groups):
+                bar.set_postfix_str(name)
+                parts.append(effective_rf(factory, input_shape, n_inputs=n_inputs, draws=draws,
+                                          first_draw=g * draws, init=engine_init, reduce=reduce, seed=seed,
+                                          progress=False, **options))
+                bar.update(1)
+            trf = parts[0].trf  # computed once; merges carry it
+            side, is_global = _trf_side(trf)
+            merged = _merge_all(parts)
+            full = numbers_of(merged, side)
+            loo = [numbers_of(_merge_all(parts[:g] + parts[g + 1:]), side) for g in range(groups)]
+            se = jackknife(full, loo)
+            entry = get_entry(name)
+            row: dict[str, Any] = {"pool": name, "kind": entry.kind, "locality": entry.locality,
+                                   "trf_size": None if side is None else round(side, 3), "trf_global": is_global}
+            for key in NUMBERS:
+                row[key], row[f"{key}_se"] = full[key], se[key]
+            row["n"], row["seconds"] = merged.n, round(time.perf_counter() - t0, 3)
+            rows.append(row)
+            results[name] = merged
+    finally:
+        bar.close()
+    opts = {"pools": names, "net": getattr(net, "__name__", type(net).__name__), "input_shape": list(input_shape),
+            "groups": groups, "draws": draws, "n_inputs": n_inputs,
+            "init": init if isinstance(init, str) else getattr(init, "__qualname__", type(init).__name__),
+            "reduce": reduce, "seed": seed}
+    opts.update({k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in options.items()})
+    return Comparison(rows=rows, results=results, options=opts, seconds=round(time.perf_counter() - t_start, 3))
+
+
+# ------------------------------------------------------------------------------ diff
+@dataclass
+class ERFDiff:
+    """``a - b`` of two ERF maps on the same grid, with a per-position z-score.
+
+    Attributes:
+        map: ``a.map - b.map`` (or of the mass-normalised maps with ``normalize=True``).
+        stderr: ``sqrt(se_a^2 + se_b^2)`` per position.
+        z: ``map / stderr``; 0 where both are 0, +-inf where only the standard error is 0.
+        max_abs_z: largest finite |z|. frac_significant: share of positions with |z| > 3
+            among those where either map is non-zero. normalized: whether maps were normalised.
+    """
+
+    map: np.ndarray
+    stderr: np.ndarray
+    z: np.ndarray
+    max_abs_z: float
+    frac_significant: float
+    normalized: bool = False
+
+    def plot(self, ax=None, zmax: float = 5.0):
+        """The z-score map on a diverging colour scale clipped at +-zmax; returns the Axes."""
+        from erf.plot import plot_diff
+
+        return plot_diff(self, ax=ax, zmax=zmax)
+
+
+def diff(a, b, normalize: bool = False) -> ERFDiff:
+    """Difference of two :class:`erf.ERFResult` maps with the z-score ``(a - b) / sqrt(se_a^2 + se_b^2)``.
+
+    Args:
+        a, b: results on the same input grid (any configurations).
+        normalize: divide each map and its standard error by the map's total first, comparing
+            shapes rather than magnitudes (the total's own uncertainty is neglected).
+    Returns:
+        :class:`ERFDiff`.
+    Raises:
+        TypeError: a or b is not an ERFResult. ValueError: the maps' shapes differ.
+    """
+    from erf.engine import ERFResult
+
+    for name, r in (("a", a), ("b", b)):
+        if not isinstance(r, ERFResult):
+            raise TypeError(f"{name} must be an ERFResult, got {type(r).__name__}")
+    if a.map.shape != b.map.shape:
+        raise ValueError(f"a and b must be maps on the same grid, got shapes {a.map.shape} and {b.map.shape}")
+    ma, mb, sa, sb = a.map, b.map, a.stderr, b.stderr
+    if normalize:
+        ta, tb = float(np.abs(ma).sum()), float(np.abs(mb).sum())
+        if ta == 0 or tb == 0:
+            raise ValueError("normalize=True needs maps with a non-zero total")
+        ma, sa, mb, sb = ma / ta, sa / ta, mb / tb, sb / tb
+    d = ma - mb
+    se = np.sqrt(sa ** 2 + sb ** 2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(se > 0, d / np.where(se > 0, se, 1.0), np.where(d == 0, 0.0, np.sign(d) * np.inf))
+    finite = np.isfinite(z)
+    support = (ma != 0) | (mb != 0)
+    max_abs_z = float(np.abs(z[finite]).max()) if finite.any() else 0.0
+    frac = float(np.mean(np.abs(z[support]) > 3)) if support.any() else 0.0
+    return ERFDiff(map=d, stderr=se, z=z, max_abs_z=max_abs_z, frac_significant=frac, normalized=bool(normalize))
