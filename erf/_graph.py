@@ -19,6 +19,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -36,6 +37,16 @@ class Rule:
     def back(self, lo: int, hi: int) -> tuple[int, int] | None:
         raise NotImplementedError
 
+    def back_set(self, idx: np.ndarray) -> np.ndarray:
+        """Exact input index set seen by the sorted output indices ``idx`` (run by run)."""
+        cuts = np.nonzero(np.diff(idx) > 1)[0] + 1
+        parts = []
+        for run in np.split(idx, cuts):
+            got = self.back(int(run[0]), int(run[-1]))
+            if got is not None:
+                parts.append(np.arange(got[0], got[1] + 1))
+        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+
     def compose(self, r: float, j: float, start: float) -> tuple[float, float, float]:
         k_eff = self.dilation * (self.kernel - 1) + 1
         return r + (k_eff - 1) * j, self.stride * j, start - self.padding * j
@@ -51,6 +62,13 @@ class Win(Rule):
         a = lo * self.stride - self.padding
         b = hi * self.stride - self.padding + self.dilation * (self.kernel - 1)
         return math.floor(a + 1e-9), math.ceil(b - 1e-9)
+
+    def back_set(self, idx):
+        s, p = self.stride, self.padding
+        if self.dilation == 1 and self.kernel >= s or not (float(s).is_integer() and float(p).is_integer()):
+            return super().back_set(idx)
+        taps = np.arange(self.kernel) * self.dilation
+        return np.unique((idx[:, None] * int(s) - int(p) + taps[None, :]).ravel())
 
 
 IDENTITY = Win(1)
@@ -76,6 +94,10 @@ class TConv(Rule):
         while last >= first and not self._hits(last, lo, hi):
             last -= 1
         return (first, last) if first <= last else None
+
+    def back_set(self, idx):
+        cand = idx[:, None] + self.p - np.arange(self.k)[None, :] * self.d
+        return np.unique(cand[cand % self.s == 0] // self.s)
 
     def compose(self, r, j, start):
         widths = [len([i for i in range(-self.k * self.d - 2, self.k * self.d + 2) if self._hits(i, o, o)])
@@ -644,14 +666,15 @@ def build_fx(model: nn.Module, x: torch.Tensor) -> Graph:
     return Graph(ops, out_index, module_outputs, "fx", notes)
 
 
-def _unknown(name: str, type_: str, in_ops: list[Op], shape) -> Op:
+def _unknown(name: str, type_: str, in_ops: list[Op], shape, inputs: list[int] | None = None) -> Op:
     """An op of unknown type: pointwise if it keeps the shape of its first input, else global."""
     first = in_ops[0]
     if tuple(first.shape) == tuple(shape):
-        op = Op(name, type_, [], tuple(shape), first.labels, unknown=True, note="unknown: assumed pointwise")
+        op = Op(name, type_, list(inputs or []), tuple(shape), first.labels, unknown=True,
+                note="unknown: assumed pointwise")
         op.rules = [{lab: IDENTITY for lab in o.labels if is_axis(lab)} for o in in_ops]
         return op
-    op = Op(name, type_, [], tuple(shape), ("B",) + (None,) * (len(shape) - 1) if first.labels[:1] == ("B",)
+    op = Op(name, type_, list(inputs or []), tuple(shape), ("B",) + (None,) * (len(shape) - 1) if first.labels[:1] == ("B",)
             and shape and shape[0] == first.shape[0] else (None,) * len(shape), unknown=True,
             note="unknown: assumed global")
     op.rules = [{lab: Glob(o.shape[d]) for d, lab in enumerate(o.labels) if is_axis(lab)} for o in in_ops]
@@ -666,7 +689,8 @@ def _split_item(node: fx.Node, tup: fx.Node, shape, ops: list[Op], index) -> Op:
     src = tup.args[0] if tup.args and isinstance(tup.args[0], fx.Node) else None
     k = node.args[1]
     if src is None or src not in index:
-        return _unknown(tup.name, name, [ops[index[n]] for n in tup.all_input_nodes if n in index], shape)
+        live_in = [n for n in tup.all_input_nodes if n in index]
+        return _unknown(tup.name, name, [ops[index[n]] for n in live_in], shape, [index[n] for n in live_in])
     in_op = ops[index[src]]
     if name in _SPLIT:
         dim = _arg(tup, 2 if name != "unbind" else 1, "dim", 0) % len(in_op.shape)
@@ -690,7 +714,7 @@ def _split_item(node: fx.Node, tup: fx.Node, shape, ops: list[Op], index) -> Op:
         dims = range(len(in_op.shape)) if dim is None else ([dim] if isinstance(dim, int) else list(dim))
         op = Op(tup.name + f"[{k}]", name, [index[src]], tuple(shape), in_op.labels)
         return _mix_dims_op(op, in_op.labels, in_op.shape, dims, shape)
-    return _unknown(tup.name + f"[{k}]", name, [in_op], shape)
+    return _unknown(tup.name + f"[{k}]", name, [in_op], shape, [index[src]])
 
 
 def _function_op(node: fx.Node, shape, ins: list[fx.Node], ops: list[Op], index) -> Op:
@@ -821,7 +845,7 @@ def _function_op(node: fx.Node, shape, ins: list[fx.Node], ops: list[Op], index)
         else:
             dims = range(1 if name == "group_norm" else 2, nd_in)
         return _norm_over(op, x.labels, x.shape, dims, "")
-    return _unknown(node.name, name, in_ops, shape)
+    return _unknown(node.name, name, in_ops, shape, op.inputs)
 
 
 def _permutation(node: fx.Node, name: str, nd: int) -> list[int]:
@@ -873,7 +897,7 @@ def _index_op(op: Op, idx, x: Op, shape) -> Op:
     """Basic tensor indexing: slices shift/stride an axis, integers fix it, None adds a dim."""
     idx = idx if isinstance(idx, tuple) else (idx,)
     if any(not (isinstance(i, (int, slice)) or i is None or i is Ellipsis) for i in idx):
-        return _unknown(op.name, "getitem", [x], shape)
+        return _unknown(op.name, "getitem", [x], shape, op.inputs[:1])
     n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
     if Ellipsis in idx:
         e = idx.index(Ellipsis)

@@ -42,8 +42,8 @@ class RFReport:
 
     Per spatial axis (array order) tuples: ``size`` (the region's side), ``jump`` (effective
     stride), ``padding`` (effective padding P: unit u sees ``u*jump - P .. u*jump - P + size - 1``),
-    ``region`` ((first, last) inclusive, may lie outside the input), ``center`` (may be a
-    half-integer). ``jump``/``padding`` entries are ``None`` for an axis the layer's output lacks.
+    ``region`` ((first, last) inclusive, may lie outside the input; ``None``, with size 0, for a
+    unit that depends on no input), ``center`` (may be a half-integer). ``jump``/``padding`` entries are ``None`` for an axis the layer's output lacks.
     ``is_global``: the unit sees the whole input (global pooling, gates, norms over space);
     ``local_size``/``local_region``: the field with those global statistics held constant
     (``None`` when nothing local remains). ``aligned``: False when paths disagree in jump or
@@ -250,9 +250,10 @@ def _forward(ops: list[G.Op]):
 
 
 def _backward(ops: list[G.Op], target: int, unit_iv: dict, local: bool):
-    """Exact input interval per axis seen by the unit; the ops reached and the global ones used."""
+    """Exact input index set per axis seen by the unit (sorted arrays, united at fan-out); the
+    ops reached (``need[i]`` not None) and the ops whose global rules were used."""
     need: list[dict | None] = [None] * len(ops)
-    need[target] = dict(unit_iv)
+    need[target] = {a: np.arange(lo, hi + 1) for a, (lo, hi) in unit_iv.items()}
     used_global: list[int] = []
     for i in range(target, 0, -1):
         if need[i] is None:
@@ -273,12 +274,12 @@ def _backward(ops: list[G.Op], target: int, unit_iv: dict, local: bool):
             for a, d in s_op.axes.items():
                 rule = rules.get(a, G.IDENTITY)
                 if a in need[i]:
-                    got = rule.back(*need[i][a])
+                    got = rule.back_set(need[i][a]) if rule is not G.IDENTITY else need[i][a]
                 elif isinstance(rule, (G.Glob, G.Fixed, G.Bcast)):
-                    got = rule.back(0, 0)
+                    got = rule.back_set(np.zeros(1, dtype=np.int64))
                 else:
-                    got = (0, s_op.shape[d] - 1)
-                if got is None:
+                    got = np.arange(s_op.shape[d])
+                if got.size == 0:
                     iv = None
                     break
                 hit_global |= rule.is_global
@@ -288,10 +289,10 @@ def _backward(ops: list[G.Op], target: int, unit_iv: dict, local: bool):
             if hit_global:
                 used_global.append(i)
             cur = need[src]
-            if cur is None:
-                need[src] = iv
-            else:
-                need[src] = {a: (min(cur[a][0], iv[a][0]), max(cur[a][1], iv[a][1])) for a in iv}
+            need[src] = iv if cur is None else {a: np.union1d(cur[a], iv[a]) for a in iv}
+    for i, nd in enumerate(need):
+        if nd is not None:
+            need[i] = {a: (int(v[0]), int(v[-1])) for a, v in nd.items()}
     return need, used_global
 
 
@@ -353,11 +354,13 @@ def theoretical_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequ
     need, used_global = _backward(ops, target, unit_iv, local=False)
     need_l, _ = _backward(ops, target, unit_iv, local=True)
     n_ax = len(input_shape) - 1
-    if need[0] is None:
-        raise ValueError(f"unit {u} of {path or 'the output'} does not depend on the input")
-    region = tuple((need[0][a][0], need[0][a][1]) for a in range(n_ax))
-    size = tuple(b - a + 1 for a, b in region)
-    center = tuple(_num((a + b) / 2) for a, b in region)
+    if need[0] is None:  # e.g. a transposed conv's output between input taps: only the bias
+        warnings.warn(f"unit {u} of {path or 'the output'} does not depend on the input", stacklevel=2)
+        region, size, center = None, (0,) * n_ax, None
+    else:
+        region = tuple((need[0][a][0], need[0][a][1]) for a in range(n_ax))
+        size = tuple(b - a + 1 for a, b in region)
+        center = tuple(_num((a + b) / 2) for a, b in region)
     ft = fwd[target]
     jump = tuple(_num(ft[a][1]) if a in ft and ft[a][4] else None for a in range(n_ax))
     padding = tuple(_num(-ft[a][2]) if a in ft and ft[a][4] else None for a in range(n_ax))
@@ -372,7 +375,7 @@ def theoretical_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequ
         warnings.warn(f"layers without a receptive-field rule (assumed pointwise when they keep the "
                       f"shape, else global): {', '.join(unknown)}", stacklevel=2)
     coupled = any(ops[i].batch_coupled for i in cone) or (was_training and has_bn)
-    croppable = (not is_global and not mis and not unknown and not coupled and graph.method == "fx")
+    croppable = (region is not None and not is_global and not mis and not unknown and not coupled and graph.method == "fx")
     rows = []
     for i in cone:
         op = ops[i]

@@ -295,8 +295,13 @@ def test_random_chains_match_gradient_support(dim, specs):
         return  # the chain shrinks the input below a kernel: not a network
     if out.numel() == 0:
         return
-    a = theoretical_rf(net, shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a unit between the taps of a transposed conv sees nothing
+        a = theoretical_rf(net, shape)
     e = empirical_trf(net, shape, n_inputs=1)
+    if a.region is None:
+        assert e.region is None and a.size == (0,) * dim
+        return
     assert clip(a.region, shape[1:]) == e.region
     if all(lo >= 0 and hi < n for lo, hi in a.region):
         assert a.size == e.size
