@@ -441,6 +441,10 @@ class _Run:
         self.crop_plan = plan_crop(self) if self.crop else None
         self.stacker = plan_stacking(self, self.vmap_draws)
         self.batch_size_used = choose_batch_size(self)
+        if self.train_mode:
+            # Stochastic modules draw one sample of noise per forward, keyed by its block of 32
+            # inputs: one block per forward keeps every map independent of the batch size.
+            self.batch_size_used = _rng.BLOCK
 
     # -- forward stopped at the target layers
     def _forward(self, model: nn.Module, x: torch.Tensor, stop: bool = True) -> dict[str, Any]:

@@ -106,3 +106,13 @@ def test_every_pooling_net_finite_for_huge_inputs(name, dtype):
     r = erf.effective_rf(net, (3, 48, 48), inputs=x, dtype=dtype, progress=False, device="cpu")
     assert np.isfinite(r.map).all() and np.isfinite(r.stderr).all()
     assert r.map.sum() > 0
+
+
+def test_train_mode_stochastic_maps_do_not_depend_on_batch_size():
+    net = erf.nets.pooling_net("stochastic", width=4)
+    kw = dict(n_inputs=40, train_mode=True, progress=False, seed=2)
+    maps = [erf.effective_rf(net, (3, 32, 32), batch_size=bs, **kw).map for bs in (7, 32, 64)]
+    for m in maps[1:]:
+        np.testing.assert_allclose(m, maps[0], rtol=1e-6, atol=1e-12)
+    other = erf.effective_rf(net, (3, 32, 32), batch_size=7, **dict(kw, seed=3)).map
+    assert not np.allclose(other, maps[0])
