@@ -109,8 +109,10 @@ def _model_for(args, spec, input_shape):
     """The model (module with --weights, else a factory) and the engine's init for one run."""
     from erf.compare import kaiming_init
 
-    init = args.init
+    init = args.init or "default"
     if args.weights:
+        if not os.path.isfile(args.weights):
+            raise ValueError(f"weights file {args.weights!r} does not exist")
         if init != "default" or args.draws not in (None, 1):
             raise ValueError("--weights uses the given weights as they are: leave --init at default and --draws at 1")
         from erf.models import load_weights
@@ -458,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--checkpoint", metavar="PATH", help="save the running sums here; with --resume continue")
     m.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     m.add_argument("--until-stderr", type=float, metavar="X", help="stop once the centre's relative stderr < X")
-    m.set_defaults(func=cmd_map, init="default")
+    m.set_defaults(func=cmd_map)
 
     c = sub.add_parser("compare", parents=[run, out], help="the pooling-module comparison (grid, bars, table)",
                        description="ERF of pooling_net(module) for every downsampling module of erf.pooling, "
@@ -467,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--pools", default="all", help="comma-separated module names or 'all' (default)")
     c.add_argument("--groups", type=int, help="independent groups of draws for standard errors (default 4)")
     c.add_argument("--same-scale", action="store_true", help="grid: maps as mass shares on one colour scale")
-    c.set_defaults(func=cmd_compare, init=None)
+    c.set_defaults(func=cmd_compare)
 
     t = sub.add_parser("trf", parents=[unit, out], help="theoretical receptive field per layer",
                        description="Theoretical receptive field of one unit, per layer (erf.theoretical_rf).",

@@ -428,3 +428,14 @@ def diff(a, b, normalize: bool = False) -> ERFDiff:
     max_abs_z = float(np.abs(z[finite]).max()) if finite.any() else 0.0
     frac = float(np.mean(np.abs(z[support]) > 3)) if support.any() else 0.0
     return ERFDiff(map=d, stderr=se, z=z, max_abs_z=max_abs_z, frac_significant=frac, normalized=bool(normalize))
+
+
+class _CallableModule(type(sys)):
+    """``erf.compare`` is both this submodule and the function: once ``erf.compare`` (the module) is
+    imported, Python binds the package attribute to the module, so the module forwards calls."""
+
+    def __call__(self, *args, **kwargs) -> Comparison:
+        return compare(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
