@@ -89,7 +89,9 @@ def _markdown(rows: list[dict[str, Any]], columns: Sequence[str], fmt: dict[str,
             if isinstance(v, float):
                 cells.append("—" if not math.isfinite(v) else format(v, fmt.get(c, ".4g")))
             elif isinstance(v, (tuple, list)):
-                cells.append("x".join(str(x) for x in v))
+                cells.append(" x ".join(format(x, ".4g") if isinstance(x, float) else str(x) for x in v))
+            elif isinstance(v, dict):
+                cells.append(", ".join(f"{k}: {'—' if x is None else format(x, '.4g')}" for k, x in v.items()))
             else:
                 cells.append("—" if v is None else str(v))
         lines.append("| " + " | ".join(cells) + " |")
@@ -207,20 +209,20 @@ def _result_summary(result) -> dict[str, Any]:
     out: dict[str, Any] = {"layer": result.layer or "output", "unit": list(result.unit),
                            "input_shape": list(result.input_shape), "n": result.n}
     mom = result.moments
-    out["sigma_moments"] = [round(float(s), 4) for s in mom.sigma]
+    out["sigma_moments"] = [float(s) for s in mom.sigma]
     fit = result.fit
-    out["sigma_fit"] = None if fit is None else [round(float(s), 4) for s in fit.sigma]
-    out["fit_r2"] = None if fit is None else round(float(fit.r2), 5)
+    out["sigma_fit"] = None if fit is None else [float(s) for s in fit.sigma]
+    out["fit_r2"] = None if fit is None else float(fit.r2)
     trf = result.trf
     if trf is not None:
         out["trf_size"] = list(trf.size)
         out["trf_global"] = bool(getattr(trf, "is_global", False))
     met = result.metrics
-    out["erf_size"] = None if met["erf_size"] is None else round(float(met["erf_size"]), 3)
+    out["erf_size"] = None if met["erf_size"] is None else float(met["erf_size"])
     ratio = met.get("erf_trf_ratio")
-    out["erf_trf_ratio"] = None if not ratio else round(float(ratio["overall"]), 4)
-    out["anisotropy"] = round(float(met["anisotropy"]), 4)
-    out["area_ratio"] = {str(k): (None if v is None else round(float(v), 5)) for k, v in met["area_ratio"].items()}
+    out["erf_trf_ratio"] = None if not ratio else float(ratio["overall"])
+    out["anisotropy"] = float(met["anisotropy"])
+    out["area_ratio"] = {str(k): (None if v is None else float(v)) for k, v in met["area_ratio"].items()}
     return out
 
 
