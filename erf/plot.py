@@ -403,7 +403,8 @@ def growth_figure(series: dict, slopes: dict, k: int = 3):
         a.xaxis.set_major_formatter(plain)
         a.xaxis.set_minor_formatter(NullFormatter())
         a.yaxis.set_major_formatter(plain)
-        a.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "2358" else ""))
+        a.yaxis.set_minor_formatter(FuncFormatter(
+            lambda v, _: f"{v:g}" if v > 0 and round(v / 10 ** np.floor(np.log10(v))) in (2, 3, 5) else ""))
         a.tick_params(axis="y", which="minor", labelsize=7)
         a.set_xlabel("depth (number of 3x3 layers)" if k == 3 else f"depth (number of {k}x{k} layers)")
         a.grid(True, which="both", alpha=0.3)
