@@ -146,6 +146,8 @@ def _reports(run: Any) -> list[Any] | None:
         if caught:  # the analyser was unsure of something: when in doubt, do not crop
             log.info("erf: no crop (TRF analysis warned: %s)", caught[0].message)
             return None
+    # The results reuse these reports as their ``.trf``: the analysis is done once per run.
+    run.trf_reports = {t.layer: r for t, r in zip(run.targets, reports)}
     return reports
 
 

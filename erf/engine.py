@@ -133,16 +133,21 @@ class ERFResult:
             self._cache["metrics"] = metrics(self.nonnegative_map, trf=self.trf)
         return self._cache["metrics"]
 
-    def plot(self, ax=None, log: bool = False, show_trf: bool = True, show_fit: bool = True):
+    def plot(self, ax=None, log: bool = False, show_trf: bool = True, show_fit: bool = True,
+             title: str | None = None):
         """Heatmap with the TRF box and the 1- and 2-sigma ellipses of the fit; returns the Axes."""
         from erf.plot import plot_result
 
-        return plot_result(self, ax=ax, log=log, show_trf=show_trf, show_fit=show_fit)
+        return plot_result(self, ax=ax, log=log, show_trf=show_trf, show_fit=show_fit, title=title)
 
     # -- persistence
     def save(self, path: str | os.PathLike) -> str:
         """Write ``.npz`` arrays with JSON metadata inside (atomic: temp file, fsync, rename)."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike ending in .npz, got {type(path).__name__} {path!r}")
         path = os.fspath(path)
+        if not isinstance(path, str):
+            raise TypeError(f"path must be a text path, got {path!r}")
         if not path.endswith(".npz"):
             path += ".npz"
         meta = dict(self.meta)
@@ -217,6 +222,8 @@ def atomic_savez(path: str, arrays: dict[str, np.ndarray]) -> None:
 
 def load(path: str | os.PathLike) -> ERFResult:
     """Restore a result written by :meth:`ERFResult.save` (no pickle: ``allow_pickle=False``)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike of an .npz result file, got {type(path).__name__}")
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"path: no such result file {path!r}")
@@ -290,14 +297,6 @@ def _free_memory(device: torch.device) -> int:
     except OSError:
         pass
     return 4 << 30
-
-
-def _auto_batch_size(per_sample_bytes: int, device: torch.device, total: int) -> int:
-    """Largest batch that fits in a share of free memory (GPU: 60 %, CPU: 30 %), capped."""
-    cap = 512 if device.type == "cuda" else 32
-    budget = _free_memory(device) * (0.6 if device.type == "cuda" else 0.3)
-    bs = int(budget // max(per_sample_bytes, 1))
-    return max(1, min(bs, cap, max(total, 1)))
 
 
 def _jsonable(value: Any) -> Any:
@@ -401,8 +400,9 @@ class _Run:
             warnings.warn("train_mode=True with BatchNorm: the samples of a batch are coupled through the "
                           "batch statistics, so each map also depends on the other inputs of its batch",
                           stacklevel=3)
-        # Probe: one sample through the network, to learn the output shapes and the memory per sample.
-        x = torch.zeros((1,) + self.input_shape, device=self.device,
+        # Probe: two samples through the network, to learn the output shapes and the memory per sample
+        # (two, so that a conv never reads the batch as unbatched channels of an input of the wrong rank).
+        x = torch.zeros((2,) + self.input_shape, device=self.device,
                         dtype=torch.float64 if self.dtype == torch.float64 else torch.float32)
         act_bytes = [0]
 
@@ -429,7 +429,7 @@ class _Run:
             out = t.prepare(outs[t.layer])
             t.configure(out, self.unit_arg, self.channel_arg)
         in_bytes = int(np.prod(self.input_shape)) * 4
-        self.per_sample_bytes = 3 * act_bytes[0] + 4 * in_bytes
+        self.per_sample_bytes = 3 * (act_bytes[0] // 2) + 4 * in_bytes
         map_shape = self.input_shape[1:]
         self.stats = [RunningMoments.zeros(map_shape, self.device) for _ in self.targets]
         self.skipped = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -757,7 +757,8 @@ def effective_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequen
     for t, (n, mean, m2) in zip(run.targets, stats):
         cfg = dict(base, layer=t.layer, unit=list(t.unit))
         results[t.layer] = ERFResult(n, mean, m2, unit=t.unit, layer=t.layer, input_shape=run.input_shape,
-                                     config=cfg, meta=meta, model=analysis_model.cpu())
+                                     config=cfg, meta=meta, model=analysis_model.cpu(),
+                                     trf=getattr(run, "trf_reports", {}).get(t.layer))
     if run.multi:
         return {(arg if isinstance(arg, str) else path): results[path]
                 for arg, path in zip(run.layer_args, run.paths)}
