@@ -153,6 +153,8 @@ def make_source(inputs: Any, n_inputs: int, shape: tuple[int, ...], seed: int, d
             raise ValueError("inputs tensor is empty (N = 0)")
         if not torch.is_floating_point(inputs):
             raise TypeError(f"inputs tensor must be floating point, got {inputs.dtype}")
+        if not bool(torch.isfinite(inputs).all()):
+            raise ValueError("inputs tensor holds NaN or Inf values; pass finite inputs")
         return TensorInputs(inputs)
     if hasattr(inputs, "__iter__") and not isinstance(inputs, (bytes, dict)):
         if iter(inputs) is inputs and draws > 1:

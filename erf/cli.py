@@ -41,6 +41,28 @@ class Outcome:
 
 
 # ------------------------------------------------------------------------------ helpers
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r} (a positive int)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r} (a positive number)") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
+    return value
+
+
 def _progress(args) -> bool:
     return not getattr(args, "no_progress", False)
 
@@ -153,10 +175,21 @@ def _engine_kwargs(args) -> dict[str, Any]:
         except ValueError:
             raise ValueError(f"--channel must be an int or comma-separated ints, got {args.channel!r}") from None
         kw["channel"] = ch[0] if len(ch) == 1 else ch
+    if args.resume and args.checkpoint is None:
+        raise UsageError("--resume needs --checkpoint PATH (the file to continue from)")
+    if args.checkpoint_every is not None and args.checkpoint is None:
+        raise UsageError("--checkpoint-every needs --checkpoint PATH")
     if args.checkpoint is not None:
         kw["checkpoint"] = args.checkpoint
+    if args.checkpoint_every is not None:
+        kw["checkpoint_every"] = args.checkpoint_every
     if args.resume:
         kw["resume"] = True
+    if args.distributed:
+        if args.until_stderr is not None:
+            raise UsageError("--until-stderr cannot be combined with --distributed (a stopping rule the "
+                             "processes cannot share); give --n-inputs and --draws")
+        kw["distributed"] = True
     if args.until_stderr is not None:
         kw["until_stderr"] = args.until_stderr
     return kw
@@ -175,11 +208,12 @@ def cmd_map(args) -> Outcome:
     from erf.models import parse_model
     from erf.plot import map_figure
 
+    kw = _engine_kwargs(args)  # option errors before any work
     spec = parse_model(args.model)
     shape = _input_shape(args, spec)
     model, init = _model_for(args, spec, shape)
     t0 = time.perf_counter()
-    result = effective_rf(model, shape, init=init, **_engine_kwargs(args))
+    result = effective_rf(model, shape, init=init, **kw)
     seconds = time.perf_counter() - t0
     summary = _result_summary(result)
     summary.update({"model": spec.spec, "seconds": round(seconds, 3)})
@@ -437,13 +471,14 @@ def build_parser() -> argparse.ArgumentParser:
     r = run.add_argument_group("measurement (as erf.effective_rf)")
     r.add_argument("--input-shape", metavar="CxHxW", help="input shape, e.g. 3x64x64 (default: suits the model)")
     r.add_argument("--inputs", help="gaussian, uniform or images:DIR (default gaussian)")
-    r.add_argument("--n-inputs", type=int, help="inputs per weight draw")
-    r.add_argument("--draws", type=int, help="random weight draws")
-    r.add_argument("--init", help="default, ones, normal or kaiming (He-normal convs, zero biases)")
+    r.add_argument("--n-inputs", type=_positive_int, help="inputs per weight draw")
+    r.add_argument("--draws", type=_positive_int, help="random weight draws")
+    r.add_argument("--init", choices=("default", "ones", "normal", "kaiming"),
+                   help="default, ones, normal or kaiming (He-normal convs, zero biases)")
     r.add_argument("--reduce", choices=("abs", "mean", "square", "relu"), default="abs", help="gradient -> map")
     r.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     r.add_argument("--seed", type=int, default=0, help="seed of every random stream (default 0)")
-    r.add_argument("--batch-size", type=int, help="batch size (default: auto)")
+    r.add_argument("--batch-size", type=_positive_int, help="batch size (default: auto)")
 
     unit = _Parser(add_help=False)
     u = unit.add_argument_group("unit")
@@ -459,9 +494,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--channel", help="channel(s) of the unit, e.g. 3 or 0,5 (default: sum over channels)")
     m.add_argument("--method", default="gradient",
                    choices=("gradient", "guided_backprop", "deconvolution", "integrated_gradients"))
-    m.add_argument("--checkpoint", metavar="PATH", help="save the running sums here; with --resume continue")
-    m.add_argument("--resume", action="store_true", help="continue from --checkpoint")
-    m.add_argument("--until-stderr", type=float, metavar="X", help="stop once the centre's relative stderr < X")
+    m.add_argument("--checkpoint", metavar="PATH", help="save the running sums here (atomically); with --resume continue")
+    m.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
+                   help="batches between checkpoint saves (default 20)")
+    m.add_argument("--resume", action="store_true", help="continue from --checkpoint (a fresh run if it is absent)")
+    m.add_argument("--until-stderr", type=_positive_float, metavar="X",
+                   help="stop once the centre's relative stderr < X")
+    m.add_argument("--distributed", action="store_true",
+                   help="share the run among torchrun processes (only rank 0 writes and prints)")
     m.set_defaults(func=cmd_map)
 
     c = sub.add_parser("compare", parents=[run, out], help="the pooling-module comparison (grid, bars, table)",
@@ -469,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with standard errors from independent groups of weight draws.",
                        epilog=_EPILOG["compare"], formatter_class=fmt)
     c.add_argument("--pools", default="all", help="comma-separated module names or 'all' (default)")
-    c.add_argument("--groups", type=int, help="independent groups of draws for standard errors (default 4)")
+    c.add_argument("--groups", type=_positive_int, help="independent groups of draws for standard errors (default 4)")
     c.add_argument("--same-scale", action="store_true", help="grid: maps as mass shares on one colour scale")
     c.set_defaults(func=cmd_compare)
 
@@ -484,10 +524,10 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Linear 3x3 stacks against the closed forms of Luo et al. 2016: uniform "
                                     "weights vs the multinomial profile (exact), and the square map of random "
                                     "weights vs the same shape.", epilog=_EPILOG["theory"], formatter_class=fmt)
-    th.add_argument("--depth", type=int, default=10, help="layers (default 10)")
-    th.add_argument("--k", type=int, default=3, help="kernel size (default 3)")
-    th.add_argument("--draws", type=int, default=128, help="random weight draws for the square map (default 128)")
-    th.add_argument("--width", type=int, default=16, help="channels of the random stack (default 16)")
+    th.add_argument("--depth", type=_positive_int, default=10, help="layers (default 10)")
+    th.add_argument("--k", type=_positive_int, default=3, help="kernel size (default 3)")
+    th.add_argument("--draws", type=_positive_int, default=128, help="random weight draws for the square map (default 128)")
+    th.add_argument("--width", type=_positive_int, default=16, help="channels of the random stack (default 16)")
     th.add_argument("--device")
     th.add_argument("--seed", type=int, default=0)
     th.set_defaults(func=cmd_theory)
@@ -498,10 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog=_EPILOG["growth"], formatter_class=fmt)
     gr.add_argument("--depths", default="8,16,32,64", help="comma-separated depths (default 8,16,32,64)")
     gr.add_argument("--acts", default="linear,relu,tanh", help="linear (uniform weights) and/or activations")
-    gr.add_argument("--k", type=int, default=3)
-    gr.add_argument("--width", type=int, default=4, help="channels of the random stacks (default 4)")
-    gr.add_argument("--draws", type=int, default=4, help="weight draws of the random stacks (default 4)")
-    gr.add_argument("--n-inputs", type=int, default=8, help="inputs per draw of the random stacks (default 8)")
+    gr.add_argument("--k", type=_positive_int, default=3)
+    gr.add_argument("--width", type=_positive_int, default=4, help="channels of the random stacks (default 4)")
+    gr.add_argument("--draws", type=_positive_int, default=4, help="weight draws of the random stacks (default 4)")
+    gr.add_argument("--n-inputs", type=_positive_int, default=8, help="inputs per draw of the random stacks (default 8)")
     gr.add_argument("--device")
     gr.add_argument("--seed", type=int, default=0)
     gr.set_defaults(func=cmd_growth)
@@ -519,34 +559,79 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) < 600 else text[:597] + "..."
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 2 bad usage/input, 1 unexpected failure)."""
-    from erf.engine import RunInterrupted
+# The engine names its arguments as in Python; on the command line the option is named instead.
+_OPTION_OF = {"input_shape": "--input-shape", "n_inputs": "--n-inputs", "batch_size": "--batch-size",
+              "until_stderr": "--until-stderr", "checkpoint_every": "--checkpoint-every", "unit": "--unit",
+              "channel": "--channel", "layer": "--layer", "inputs": "--inputs", "device": "--device",
+              "draws": "--draws", "checkpoint": "--checkpoint", "reduce": "--reduce", "method": "--method"}
 
-    parser = build_parser()
+
+def _cli_message(text: str) -> str:
+    """An engine message as the command line says it: ``n_inputs must ...`` -> ``--n-inputs must ...``."""
+    if text.startswith("select: ") and "; pass select=" in text:  # no --select: point at --layer
+        text = (text.split("; pass select=")[0].replace("select: ", "--layer: ", 1)
+                + "; pass --layer PATH naming a layer whose output is one tensor, or a FILE.py:FACTORY "
+                  "whose model returns one tensor")
+    if text.startswith("layer: ") and "; pass layer=" in text:
+        text = "--" + text.split("; pass layer=")[0] + "; pass --layer PATH naming a layer with spatial axes"
+    head, sep, rest = text.partition(" ")
+    key = head.rstrip(":")
+    if key in _OPTION_OF:
+        return _OPTION_OF[key] + head[len(key):] + sep + rest
+    return text
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace | int:
+    """Parse only: the namespace, or the exit status (2 after one line on stderr; 0 for --help)."""
     try:
-        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+        args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except SystemExit as exc:  # --help / --version
-        return int(exc.code or 0)
+        return int(exc.code or 0) if isinstance(exc.code, (int, type(None))) else 2
     args.out_given = getattr(args, "out", None) is not None
     if hasattr(args, "out") and args.out is None:
         args.out = "figures"
+    return args
+
+
+def _show_warning(args):
+    """warnings as one line on stderr: ``erf map: warning: ...``."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"erf {args.command}: warning: {_one_line(message)}", file=sys.stderr)
+    return show
+
+
+def _resume_hint(args) -> str:
+    if getattr(args, "checkpoint", None):
+        return f"progress saved to {args.checkpoint!r}; run the same command with --resume to continue"
+    return "pass --checkpoint PATH to be able to resume with --resume"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 2 bad usage/input, 1 unexpected failure, 130 Ctrl-C)."""
+    import warnings
+
+    args = _parse(argv)
+    if isinstance(args, int):
+        return args
+    from erf.distributed import is_main_process
+    from erf.engine import RunInterrupted
+
     try:
-        outcome = args.func(args)
-        written = [writer(path) or path for path, writer in outcome.files]
-    except RunInterrupted as exc:
-        print(f"erf {args.command}: {_one_line(exc)}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print(f"erf {args.command}: interrupted", file=sys.stderr)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning(args)
+            outcome = args.func(args)
+            main_rank = is_main_process()  # with --distributed only rank 0 writes and prints
+            written = [writer(path) or path for path, writer in outcome.files] if main_rank else []
+    except (RunInterrupted, KeyboardInterrupt):
+        print(f"erf {args.command}: interrupted; {_resume_hint(args)}", file=sys.stderr)
         return 130
     except (ValueError, TypeError, UsageError, ImportError) as exc:
         if os.environ.get("ERF_DEBUG"):
             raise
-        print(f"erf {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"erf {args.command}: error: {_cli_message(_one_line(exc))}", file=sys.stderr)
         return 2
     except Exception as exc:  # an unexpected failure: one line, status 1
         if os.environ.get("ERF_DEBUG"):
@@ -554,6 +639,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"erf {args.command}: unexpected {type(exc).__name__}: {_one_line(exc)} "
               "(set ERF_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
+    if not main_rank:
+        return 0
     if args.json:
         summary = dict(outcome.summary)
         summary["files"] = [os.fspath(w) for w in written]

@@ -97,7 +97,7 @@ def _stack(rest: str) -> ModelSpec:
     from erf.nets import _ACTIVATIONS, conv_stack
 
     parts = rest.split(":")
-    if not parts[0].isdigit() or int(parts[0]) < 1 or len(parts) > 2:
+    if not re.fullmatch(r"[0-9]+", parts[0]) or int(parts[0]) < 1 or len(parts) > 2:
         raise ValueError(f"stack spec must be stack:N or stack:N:ACT with N a positive int, got 'stack:{rest}'")
     n = int(parts[0])
     act = parts[1] if len(parts) == 2 else None
@@ -133,7 +133,13 @@ def _timm(name: str) -> ModelSpec:
 
 
 def _call_factory(obj, spec: str) -> nn.Module:
-    model = obj() if not isinstance(obj, nn.Module) else obj
+    if isinstance(obj, nn.Module):
+        return obj
+    try:
+        model = obj()
+    except TypeError as exc:  # e.g. a function or class that needs arguments
+        raise ValueError(f"{spec}: the factory must be callable with no arguments, but calling it raised "
+                         f"TypeError: {exc}") from None
     if not isinstance(model, nn.Module):
         raise ValueError(f"{spec}: the factory returned {type(model).__name__}, not an nn.Module")
     return model
@@ -162,7 +168,11 @@ def _file(path: str, attr: str, spec: str) -> ModelSpec:
     loader_spec = importlib.util.spec_from_file_location(mod_name, path)
     module = importlib.util.module_from_spec(loader_spec)
     sys.modules[mod_name] = module
-    loader_spec.loader.exec_module(module)
+    try:
+        loader_spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        raise ValueError(f"model file {path!r} has a syntax error at line {exc.lineno}: {exc.msg} "
+                         f"(spec {spec!r})") from None
     if not hasattr(module, attr):
         raise ValueError(f"{path!r} defines no {attr!r} (spec {spec!r})")
     return _from_object(getattr(module, attr), spec, "file")

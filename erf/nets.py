@@ -61,6 +61,15 @@ def conv_stack(n: int, k: int | tuple[int, ...] = 3, width: int = 1, act: str | 
     ks = (k,) * dim if isinstance(k, int) else tuple(k)
     if len(ks) != dim or any((not isinstance(v, int)) or v < 1 for v in ks):
         raise ValueError(f"k must be a positive int or {dim} positive ints, got {k!r}")
+    if not (padding in ("same", "valid") or (isinstance(padding, int) and not isinstance(padding, bool)
+                                             and padding >= 0)):
+        raise ValueError(f"padding must be 'same', 'valid' or an int >= 0, got {padding!r}")
+    for name, value in (("stride", stride), ("dilation", dilation)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if in_channels is not None and (not isinstance(in_channels, int) or isinstance(in_channels, bool)
+                                    or in_channels < 1):
+        raise ValueError(f"in_channels must be None or a positive int, got {in_channels!r}")
     if padding == "same" and stride != 1:
         padding = tuple((dilation * (v - 1)) // 2 for v in ks)
     layers: list[tuple[str, nn.Module]] = []
@@ -174,6 +183,8 @@ def swap_pooling(model: nn.Module, pool, convs: bool = False) -> nn.Module:
     """
     import copy
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module (e.g. a torchvision ResNet), got {type(model).__name__}")
     if isinstance(pool, str):
         from .pooling import get_entry
 

@@ -206,7 +206,7 @@ def _check_unit(unit, sizes: Sequence[int]) -> tuple[int, ...]:
 
 
 def _build(model: nn.Module, input_shape: tuple) -> G.Graph:
-    x = torch.rand((1,) + input_shape)
+    x = torch.rand((2,) + input_shape)  # two: a conv never reads the batch as channels
     try:
         graph = G.build_fx(model, x)
     except Exception as exc:  # tracing fails on data-dependent Python control flow
@@ -568,6 +568,10 @@ def empirical_trf(model: nn.Module | Callable[[], nn.Module], input_shape: Seque
         raise ValueError(f"n_inputs must be a positive int, got {n_inputs!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    if not isinstance(hold_gates, bool):
+        raise TypeError(f"hold_gates must be True or False, got {hold_gates!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
     gen = torch.Generator().manual_seed(seed)
     m, handles = _positive_copy(model, gen, dtype)
     captured: dict[str, torch.Tensor] = {}
@@ -598,6 +602,10 @@ def empirical_trf(model: nn.Module | Callable[[], nn.Module], input_shape: Seque
                 out = m(x)
             except _Stop:
                 out = captured["out"]
+            except (RuntimeError, ValueError, TypeError) as exc:
+                msg = str(exc).split("\n")[0]
+                raise ValueError(f"input_shape {input_shape} is not accepted by the model (too small or wrong "
+                                 f"number of channels?): {msg}") from None
     finally:
         for h in handles:
             h.remove()

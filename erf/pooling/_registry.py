@@ -46,6 +46,8 @@ class Entry:
         """A fresh module for ``channels`` channels (``stride`` is ignored by non-downsampling ones)."""
         if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
             raise ValueError(f"channels must be a positive int, got {channels!r}")
+        if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
+            raise ValueError(f"stride must be a positive int, got {stride!r}")
         return self.factory(channels, stride=stride, **overrides)
 
 
