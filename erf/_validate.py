@@ -60,6 +60,18 @@ def check_input_shape(input_shape: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in shape)
 
 
+def check_conv_rank(model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """``input_shape`` must have as many spatial axes as some convolution of ``model`` (when it has any).
+
+    (A 2-D conv given a batch of 1-D inputs reads it as one unbatched image and runs without error.)
+    """
+    dims = sorted({len(m.kernel_size) for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)})
+    ndim = len(input_shape) - 1
+    if dims and ndim not in dims:
+        raise ValueError(f"input_shape {tuple(input_shape)} has {ndim} spatial axes but the model's convolutions "
+                         f"are {'/'.join(map(str, dims))}-D: give (C, {', '.join('S' * dims[0])})")
+
+
 def check_index(name: str, value: Any, sizes: Sequence[int]) -> tuple[int, ...]:
     """A spatial index with one int per axis, negative counting from the end; returns it normalised."""
     if isinstance(value, numbers.Integral) and not isinstance(value, bool) and len(sizes) == 1:

@@ -34,7 +34,8 @@ from erf._inputs import IterableInputs, make_source
 from erf._stats import RunningMoments, merge_numpy, stderr_of
 from erf._target import Target, check_grid
 from erf._vmap import plan_stacking
-from erf._validate import check_choice, check_input_shape, check_int, check_positive_float, resolve_layer
+from erf._validate import (check_choice, check_conv_rank, check_input_shape, check_int, check_positive_float,
+                           resolve_layer)
 
 REDUCES = ("mean", "abs", "square", "relu")
 METHODS = ("gradient", "guided_backprop", "deconvolution", "integrated_gradients")
@@ -400,9 +401,9 @@ class _Run:
             warnings.warn("train_mode=True with BatchNorm: the samples of a batch are coupled through the "
                           "batch statistics, so each map also depends on the other inputs of its batch",
                           stacklevel=3)
-        # Probe: two samples through the network, to learn the output shapes and the memory per sample
-        # (two, so that a conv never reads the batch as unbatched channels of an input of the wrong rank).
-        x = torch.zeros((2,) + self.input_shape, device=self.device,
+        check_conv_rank(self.model0, self.input_shape)
+        # Probe: one sample through the network, to learn the output shapes and the memory per sample.
+        x = torch.zeros((1,) + self.input_shape, device=self.device,
                         dtype=torch.float64 if self.dtype == torch.float64 else torch.float32)
         act_bytes = [0]
 
@@ -429,7 +430,7 @@ class _Run:
             out = t.prepare(outs[t.layer])
             t.configure(out, self.unit_arg, self.channel_arg)
         in_bytes = int(np.prod(self.input_shape)) * 4
-        self.per_sample_bytes = 3 * (act_bytes[0] // 2) + 4 * in_bytes
+        self.per_sample_bytes = 3 * act_bytes[0] + 4 * in_bytes
         map_shape = self.input_shape[1:]
         self.stats = [RunningMoments.zeros(map_shape, self.device) for _ in self.targets]
         self.skipped = torch.zeros((), dtype=torch.float64, device=self.device)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _graph as G
+from ._validate import check_conv_rank
 
 __all__ = ["RFReport", "EmpiricalTRF", "theoretical_rf", "empirical_trf"]
 
@@ -206,7 +207,7 @@ def _check_unit(unit, sizes: Sequence[int]) -> tuple[int, ...]:
 
 
 def _build(model: nn.Module, input_shape: tuple) -> G.Graph:
-    x = torch.rand((2,) + input_shape)  # two: a conv never reads the batch as channels
+    x = torch.rand((1,) + input_shape)
     try:
         graph = G.build_fx(model, x)
     except Exception as exc:  # tracing fails on data-dependent Python control flow
@@ -329,6 +330,7 @@ def theoretical_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequ
     # the copy shares parameter and buffer storage: the analysis reads them, never writes
     memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
     work = copy.deepcopy(model, memo).eval()
+    check_conv_rank(work, input_shape)
     try:
         graph = _build(work, input_shape)
     except Exception as exc:
@@ -563,6 +565,7 @@ def empirical_trf(model: nn.Module | Callable[[], nn.Module], input_shape: Seque
     """
     model = _check_model(model)
     input_shape = _check_shape(input_shape)
+    check_conv_rank(model, input_shape)
     path = _layer_path(model, layer)
     if not isinstance(n_inputs, int) or isinstance(n_inputs, bool) or n_inputs < 1:
         raise ValueError(f"n_inputs must be a positive int, got {n_inputs!r}")
