@@ -197,10 +197,30 @@ class ERFResult:
                          config=config, meta=self.meta, model=self._model, trf=self._trf)
 
 
+def _remove_stale_temporaries(path: str) -> None:
+    """Delete ``PATH.<pid>.tmp`` files left by writers that were killed (their process is gone)."""
+    import glob
+
+    for tmp in glob.glob(glob.escape(path) + ".*.tmp"):
+        pid = tmp[len(path) + 1:-len(".tmp")]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: does the process exist?
+        except ProcessLookupError:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+        except (PermissionError, OverflowError):
+            pass  # another user's live process, or not a pid: leave it
+
+
 def atomic_savez(path: str, arrays: dict[str, np.ndarray]) -> None:
     """``np.savez`` to ``path`` atomically: temp file in the same folder, fsync, rename."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    _remove_stale_temporaries(path)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as fh:

@@ -116,3 +116,17 @@ def test_train_mode_stochastic_maps_do_not_depend_on_batch_size():
         np.testing.assert_allclose(m, maps[0], rtol=1e-6, atol=1e-12)
     other = erf.effective_rf(net, (3, 32, 32), batch_size=7, **dict(kw, seed=3)).map
     assert not np.allclose(other, maps[0])
+
+
+def test_atomic_save_removes_temporaries_of_killed_writers(tmp_path):
+    from erf.engine import atomic_savez
+
+    target = str(tmp_path / "ckpt.npz")
+    dead = tmp_path / "ckpt.npz.999999999.tmp"  # no such process
+    alive = tmp_path / f"ckpt.npz.{os.getppid()}.tmp"  # a live process may still be writing it
+    dead.write_bytes(b"half")
+    alive.write_bytes(b"busy")
+    atomic_savez(target, {"a": np.arange(3)})
+    assert not dead.exists() and alive.exists()
+    with np.load(target, allow_pickle=False) as z:
+        assert z["a"].tolist() == [0, 1, 2]
