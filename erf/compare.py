@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from erf._io import atomic_write_text
 from torch import nn
 
 __all__ = ["Comparison", "ERFDiff", "compare", "diff", "COLUMNS"]
@@ -242,21 +244,8 @@ def _pm(row: dict, key: str, digits: int, scale: float = 1.0) -> str:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> str:
-    """Write ``text`` to ``path`` through a temp file in the same folder and a rename."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    """Write ``text`` to ``path`` atomically (:func:`erf._io.atomic_write_text`); returns the path."""
+    return atomic_write_text(path, text)
 
 
 # ------------------------------------------------------------------------------ compare

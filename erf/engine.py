@@ -31,6 +31,7 @@ from erf._batch import choose_batch_size, run_split, use_channels_last
 from erf._crop import plan_crop
 from erf._draws import INITS, DrawMaker, describe_init
 from erf._inputs import IterableInputs, make_source
+from erf._io import atomic_write
 from erf._stats import RunningMoments, merge_numpy, stderr_of
 from erf._target import Target, check_grid
 from erf._vmap import plan_stacking
@@ -197,48 +198,9 @@ class ERFResult:
                          config=config, meta=self.meta, model=self._model, trf=self._trf)
 
 
-def _remove_stale_temporaries(path: str) -> None:
-    """Delete ``PATH.<pid>.tmp`` files left by writers that were killed (their process is gone)."""
-    import glob
-
-    for tmp in glob.glob(glob.escape(path) + ".*.tmp"):
-        pid = tmp[len(path) + 1:-len(".tmp")]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)  # signal 0: does the process exist?
-        except ProcessLookupError:
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
-        except (PermissionError, OverflowError):
-            pass  # another user's live process, or not a pid: leave it
-
-
 def atomic_savez(path: str, arrays: dict[str, np.ndarray]) -> None:
-    """``np.savez`` to ``path`` atomically: temp file in the same folder, fsync, rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    _remove_stale_temporaries(path)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:  # pragma: no cover - some filesystems refuse directory fsync
-        pass
+    """``np.savez`` to ``path`` atomically (:func:`erf._io.atomic_write`)."""
+    atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
 def load(path: str | os.PathLike) -> ERFResult:

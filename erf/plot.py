@@ -122,23 +122,16 @@ def save_figure(fig, path, dpi: int = 100) -> str:
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
+    from erf._io import atomic_write
+
     path = os.fspath(path)
     fmt = os.path.splitext(path)[1].lstrip(".").lower() or "png"
     if fmt not in ("png", "pdf", "svg"):
         raise ValueError(f"figure format must be png, pdf or svg, got {fmt!r} (from {path!r})")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     if not isinstance(fig.canvas, FigureCanvasAgg) and fmt == "png":
         FigureCanvasAgg(fig)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        meta = {"Software": None} if fmt == "png" else None
-        fig.savefig(tmp, format=fmt, dpi=dpi, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    meta = {"Software": None} if fmt == "png" else None
+    return atomic_write(path, lambda fh: fig.savefig(fh, format=fmt, dpi=dpi, metadata=meta))
 
 
 def _safe_trf(result):
