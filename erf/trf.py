@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _graph as G
-from ._validate import check_conv_rank
+from ._validate import check_conv_rank, check_index, check_input_shape, resolve_layer
 
 __all__ = ["RFReport", "EmpiricalTRF", "theoretical_rf", "empirical_trf"]
 
@@ -157,49 +157,16 @@ def _check_model(model) -> nn.Module:
     raise TypeError(f"model must be an nn.Module or a factory, got {type(model).__name__}")
 
 
-def _check_shape(input_shape) -> tuple[int, ...]:
-    if not isinstance(input_shape, (tuple, list)) or not 2 <= len(input_shape) <= 4 or any(
-            not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1 for v in input_shape):
-        raise ValueError(f"input_shape must be (C, L), (C, H, W) or (C, D, H, W) of positive ints, "
-                         f"got {input_shape!r}")
-    return tuple(int(v) for v in input_shape)
-
-
 def _layer_path(model: nn.Module, layer) -> str | None:
-    if layer is None:
-        return None
-    if isinstance(layer, nn.Module):
-        for path, m in model.named_modules():
-            if m is layer:
-                return path
-        raise ValueError("layer is a module that is not part of model")
-    if not isinstance(layer, str):
-        raise TypeError(f"layer must be None, a module path string or a module, got {type(layer).__name__}")
-    names = dict(model.named_modules())
-    if layer not in names:
-        close = [n for n in names if n and (n.startswith(layer) or layer.startswith(n))][:5]
-        raise ValueError(f"layer {layer!r} is not a module path of model"
-                         + (f"; close: {', '.join(close)}" if close else ""))
-    return layer
+    """The module path of ``layer`` (``None`` for the model output); see :func:`erf._validate.resolve_layer`."""
+    return resolve_layer(model, layer) or None
 
 
 def _check_unit(unit, sizes: Sequence[int]) -> tuple[int, ...]:
-    """Normalise ``unit`` against the spatial sizes of the layer output (negative from the end)."""
-    n = len(sizes)
+    """Normalise ``unit`` against the spatial sizes of the layer output (default the centre)."""
     if unit is None:
         return tuple(s // 2 for s in sizes)
-    if isinstance(unit, (int, np.integer)) and not isinstance(unit, bool):
-        unit = (int(unit),)
-    if not isinstance(unit, (tuple, list)) or len(unit) != n or any(
-            not isinstance(u, (int, np.integer)) or isinstance(u, bool) for u in unit):
-        raise ValueError(f"unit must be {n} int(s) (the layer output has spatial size {tuple(sizes)}), got {unit!r}")
-    out = []
-    for u, s in zip(unit, sizes):
-        u = int(u) + (s if u < 0 else 0)
-        if not 0 <= u < s:
-            raise ValueError(f"unit {tuple(unit)} is outside the layer output of spatial size {tuple(sizes)}")
-        out.append(u)
-    return tuple(out)
+    return check_index("unit", unit, sizes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,7 +290,7 @@ def theoretical_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequ
         TypeError / ValueError: naming the bad argument.
     """
     model = _check_model(model)
-    input_shape = _check_shape(input_shape)
+    input_shape = check_input_shape(input_shape)
     path = _layer_path(model, layer)
     was_training = model.training
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
@@ -564,7 +531,7 @@ def empirical_trf(model: nn.Module | Callable[[], nn.Module], input_shape: Seque
         :class:`EmpiricalTRF`.
     """
     model = _check_model(model)
-    input_shape = _check_shape(input_shape)
+    input_shape = check_input_shape(input_shape)
     check_conv_rank(model, input_shape)
     path = _layer_path(model, layer)
     if not isinstance(n_inputs, int) or isinstance(n_inputs, bool) or n_inputs < 1:
