@@ -92,6 +92,7 @@ class ERFResult:
     # -- lazy analyses
     @property
     def ndim_spatial(self) -> int:
+        """Number of spatial axes of the input (1, 2 or 3)."""
         return len(self.input_shape) - 1
 
     @property
@@ -372,6 +373,7 @@ class _Run:
                 p.requires_grad_(False)
 
     def setup(self) -> None:
+        """Build the first draw, resolve layers and units with one probe sample, plan the speed paths."""
         self.model0 = self._prepare(self.maker.build(self.first_draw))
         # Module arguments name modules of the caller's model; the run works on copies, so map to paths.
         owner = self.model0 if self.maker.is_factory else self.maker.model
@@ -583,6 +585,7 @@ class _Run:
         return math.inf if denom <= 0 else se[region].mean().item() / denom
 
     def run(self, config: dict) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """Every draw and batch (resuming from the checkpoint if asked); ``(n, mean, M2)`` per target."""
         if self.dist is not None:  # this rank's share of the work, then one reduction (erf.distributed)
             return _dist.run_sharded(self, config)
         from tqdm.auto import tqdm

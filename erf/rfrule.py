@@ -74,6 +74,7 @@ class RFRule:
 
     @property
     def ndim(self) -> int:
+        """Number of spatial axes the rule covers."""
         return len(self.kernel)
 
     @property
