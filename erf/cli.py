@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that raises :class:`UsageError` (one line) instead of printing usage and exiting."""
 
     def error(self, message: str):  # noqa: D401 - argparse API
-        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+        raise UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
 
 
 @dataclass
@@ -586,7 +586,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace | int:
     try:
         args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     except UsageError as exc:
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        print(_one_line(exc), file=sys.stderr)
         return 2
     except SystemExit as exc:  # --help / --version
         return int(exc.code or 0) if isinstance(exc.code, (int, type(None))) else 2
