@@ -5,6 +5,9 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from ..rfrule import RFRule
 
 
 def pair(value: int | Sequence[int]) -> tuple[int, int]:
@@ -43,3 +46,23 @@ def windows(x: torch.Tensor, kernel_size, stride, padding=0, pad_value: float = 
         x = F.pad(x, (pw, pw, ph, ph), value=pad_value)
     u = x.unfold(2, kh, sh).unfold(3, kw, sw)
     return u.reshape(*u.shape[:4], kh * kw)
+
+
+class WindowPool2d(nn.Module):
+    """Base of the pooling modules that slide a ``kernel_size`` window with ``stride`` and ``padding``.
+
+    Holds and checks the three torch-style arguments (``stride`` defaults to ``kernel_size``) and
+    declares the receptive-field rule of such a window: ``RFRule.make(kernel_size, stride, padding)``.
+    """
+
+    def __init__(self, kernel_size=2, stride=None, padding=0) -> None:
+        super().__init__()
+        check_positive("kernel_size", kernel_size)
+        self.kernel_size, self.padding = kernel_size, padding
+        self.stride = kernel_size if stride is None else stride
+
+    def rf_rule(self) -> RFRule:
+        return RFRule.make(self.kernel_size, self.stride, self.padding)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"

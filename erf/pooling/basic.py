@@ -13,7 +13,7 @@ from torch import nn
 
 from ..rfrule import RFRule
 from ._registry import register
-from ._utils import check_positive
+from ._utils import WindowPool2d
 
 
 class MaxPool2d(nn.MaxPool2d):
@@ -45,24 +45,18 @@ def max_avg_pool2d(x: torch.Tensor, kernel_size=2, stride=None, padding=0,
     return torch.cat([mx, av], 1) if concat else 0.5 * (mx + av)
 
 
-class MaxAvgPool2d(nn.Module):
+class MaxAvgPool2d(WindowPool2d):
     """See :func:`max_avg_pool2d`."""
 
     def __init__(self, kernel_size=2, stride=None, padding=0, concat: bool = False) -> None:
-        super().__init__()
-        check_positive("kernel_size", kernel_size)
-        self.kernel_size, self.padding, self.concat = kernel_size, padding, concat
-        self.stride = kernel_size if stride is None else stride
+        super().__init__(kernel_size, stride, padding)
+        self.concat = concat
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return max_avg_pool2d(x, self.kernel_size, self.stride, self.padding, self.concat)
 
-    def rf_rule(self) -> RFRule:
-        return RFRule.make(self.kernel_size, self.stride, self.padding)
-
     def extra_repr(self) -> str:
-        return (f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
-                f"concat={self.concat}")
+        return f"{super().extra_repr()}, concat={self.concat}"
 
 
 _BOUREAU = ("Boureau, Ponce & LeCun, A Theoretical Analysis of Feature Pooling in Visual "

@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..rfrule import RFRule
 from ._registry import register
-from ._utils import check_positive
+from ._utils import WindowPool2d
 
 
 def lp_pool2d(x: torch.Tensor, p: float = 2.0, kernel_size=2, stride=None, padding=0) -> torch.Tensor:
@@ -38,25 +37,20 @@ def lp_pool2d(x: torch.Tensor, p: float = 2.0, kernel_size=2, stride=None, paddi
     return m * s.clamp_min(tiny) ** (1.0 / p)
 
 
-class LpPool2d(nn.Module):
+class LpPool2d(WindowPool2d):
     """See :func:`lp_pool2d`."""
 
     def __init__(self, p: float = 2.0, kernel_size=2, stride=None, padding=0) -> None:
-        super().__init__()
         if not isinstance(p, (int, float)) or p <= 0:
             raise ValueError(f"p must be a positive number, got {p!r}")
-        check_positive("kernel_size", kernel_size)
-        self.p, self.kernel_size, self.padding = float(p), kernel_size, padding
-        self.stride = kernel_size if stride is None else stride
+        super().__init__(kernel_size, stride, padding)
+        self.p = float(p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return lp_pool2d(x, self.p, self.kernel_size, self.stride, self.padding)
 
-    def rf_rule(self) -> RFRule:
-        return RFRule.make(self.kernel_size, self.stride, self.padding)
-
     def extra_repr(self) -> str:
-        return f"p={self.p}, kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+        return f"p={self.p}, {super().extra_repr()}"
 
 
 def gem_pool2d(x: torch.Tensor, p: torch.Tensor | float = 3.0, kernel_size=2, stride=None,
@@ -74,17 +68,15 @@ def gem_pool2d(x: torch.Tensor, p: torch.Tensor | float = 3.0, kernel_size=2, st
     return y ** (1.0 / p)
 
 
-class GeMPool2d(nn.Module):
+class GeMPool2d(WindowPool2d):
     """See :func:`gem_pool2d`; ``p`` is a learnable scalar (initial 3)."""
 
     def __init__(self, p: float = 3.0, kernel_size=2, stride=None, padding=0,
                  eps: float = 1e-6, learnable: bool = True) -> None:
-        super().__init__()
         if not isinstance(p, (int, float)) or p <= 0:
             raise ValueError(f"p must be a positive number, got {p!r}")
-        check_positive("kernel_size", kernel_size)
-        self.kernel_size, self.padding, self.eps = kernel_size, padding, eps
-        self.stride = kernel_size if stride is None else stride
+        super().__init__(kernel_size, stride, padding)
+        self.eps = eps
         pt = torch.tensor(float(p))
         if learnable:
             self.p = nn.Parameter(pt)
@@ -93,9 +85,6 @@ class GeMPool2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return gem_pool2d(x, self.p.to(x.dtype), self.kernel_size, self.stride, self.padding, self.eps)
-
-    def rf_rule(self) -> RFRule:
-        return RFRule.make(self.kernel_size, self.stride, self.padding)
 
 
 @register("lp", kind="data-dependent", locality="local", rf="k2 s2",

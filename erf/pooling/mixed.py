@@ -14,9 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _rng
-from ..rfrule import RFRule
 from ._registry import register
-from ._utils import check_positive, pair
+from ._utils import WindowPool2d, pair
 
 
 def _max_avg(x, kernel_size, stride, padding):
@@ -32,7 +31,7 @@ def _shared_conv(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> torc
     return y.reshape(n, c, weight.shape[0], *y.shape[-2:])
 
 
-class MixedPool2d(nn.Module):
+class MixedPool2d(WindowPool2d):
     """Mixed pooling: ``y = lam max_R x + (1 - lam) mean_R x``.
 
     Train: ``lam`` in {0, 1} drawn per (sample, channel) with probability ``p_max`` of max, from
@@ -42,12 +41,10 @@ class MixedPool2d(nn.Module):
     """
 
     def __init__(self, kernel_size=2, stride=None, padding=0, p_max: float = 0.5) -> None:
-        super().__init__()
-        check_positive("kernel_size", kernel_size)
+        super().__init__(kernel_size, stride, padding)
         if not 0.0 <= p_max <= 1.0:
             raise ValueError(f"p_max must be in [0, 1], got {p_max}")
-        self.kernel_size, self.padding, self.p_max = kernel_size, padding, p_max
-        self.stride = kernel_size if stride is None else stride
+        self.p_max = p_max
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mx, av = _max_avg(x, self.kernel_size, self.stride, self.padding)
@@ -58,15 +55,11 @@ class MixedPool2d(nn.Module):
             lam = self.p_max
         return lam * mx + (1 - lam) * av
 
-    def rf_rule(self) -> RFRule:
-        return RFRule.make(self.kernel_size, self.stride, self.padding)
-
     def extra_repr(self) -> str:
-        return (f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
-                f"p_max={self.p_max}")
+        return f"{super().extra_repr()}, p_max={self.p_max}"
 
 
-class GatedPool2d(nn.Module):
+class GatedPool2d(WindowPool2d):
     """Gated pooling: ``g = sigmoid(w . x_R)``, ``y = g max_R x + (1 - g) mean_R x``.
 
     One gating mask ``w`` of ``k x k`` per layer, shared across channels (Lee et al. 2016,
@@ -74,10 +67,7 @@ class GatedPool2d(nn.Module):
     """
 
     def __init__(self, kernel_size=2, stride=None, padding=0) -> None:
-        super().__init__()
-        check_positive("kernel_size", kernel_size)
-        self.kernel_size, self.padding = kernel_size, padding
-        self.stride = kernel_size if stride is None else stride
+        super().__init__(kernel_size, stride, padding)
         self.weight = nn.Parameter(torch.empty(1, 1, *pair(kernel_size)))
         self.reset_parameters()
 
@@ -90,11 +80,8 @@ class GatedPool2d(nn.Module):
         g = torch.sigmoid(_shared_conv(x, self.weight, self.stride, self.padding)[:, :, 0])
         return g * mx + (1 - g) * av
 
-    def rf_rule(self) -> RFRule:
-        return RFRule.make(self.kernel_size, self.stride, self.padding)
 
-
-class TreePool2d(nn.Module):
+class TreePool2d(WindowPool2d):
     """Tree pooling (depth 2): ``g = sigmoid(w . x_R)``, ``y = g v1 . x_R + (1 - g) v2 . x_R``.
 
     Leaf filters ``v1, v2`` and gate ``w`` (each ``k x k``) learned, shared across channels
@@ -103,10 +90,7 @@ class TreePool2d(nn.Module):
     """
 
     def __init__(self, kernel_size=2, stride=None, padding=0) -> None:
-        super().__init__()
-        check_positive("kernel_size", kernel_size)
-        self.kernel_size, self.padding = kernel_size, padding
-        self.stride = kernel_size if stride is None else stride
+        super().__init__(kernel_size, stride, padding)
         # rows: v1, v2, w
         self.weight = nn.Parameter(torch.empty(3, 1, *pair(kernel_size)))
         self.reset_parameters()
@@ -121,9 +105,6 @@ class TreePool2d(nn.Module):
         y = _shared_conv(x, self.weight, self.stride, self.padding)
         g = torch.sigmoid(y[:, :, 2])
         return g * y[:, :, 0] + (1 - g) * y[:, :, 1]
-
-    def rf_rule(self) -> RFRule:
-        return RFRule.make(self.kernel_size, self.stride, self.padding)
 
 
 _YU = ("Yu et al., Mixed Pooling for Convolutional Neural Networks, RSKT 2014. "

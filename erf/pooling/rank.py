@@ -11,9 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..rfrule import RFRule
 from ._registry import register
-from ._utils import check_positive, pair, windows
+from ._utils import WindowPool2d, pair, windows
 
 _MODES = ("rap", "rwp")
 
@@ -30,22 +29,14 @@ def median_pool2d(x: torch.Tensor, kernel_size=3, stride=2, padding=1) -> torch.
     return win.nanmedian(dim=-1).values
 
 
-class MedianPool2d(nn.Module):
+class MedianPool2d(WindowPool2d):
     """See :func:`median_pool2d`."""
 
     def __init__(self, kernel_size=3, stride=2, padding=1) -> None:
-        super().__init__()
-        check_positive("kernel_size", kernel_size)
-        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        super().__init__(kernel_size, stride, padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return median_pool2d(x, self.kernel_size, self.stride, self.padding)
-
-    def rf_rule(self) -> RFRule:
-        return RFRule.make(self.kernel_size, self.stride, self.padding)
-
-    def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
 
 
 def rank_pool2d(x: torch.Tensor, kernel_size=3, stride=2, padding=1, mode: str = "rap",
@@ -74,13 +65,12 @@ def rank_pool2d(x: torch.Tensor, kernel_size=3, stride=2, padding=1, mode: str =
     return (vals * (alpha * (1 - alpha) ** r)).sum(-1)
 
 
-class RankPool2d(nn.Module):
+class RankPool2d(WindowPool2d):
     """See :func:`rank_pool2d` (``mode="rap"`` with ``t``, or ``mode="rwp"`` with ``alpha``)."""
 
     def __init__(self, kernel_size=3, stride=2, padding=1, mode: str = "rap", t: int = 4,
                  alpha: float = 0.5) -> None:
-        super().__init__()
-        check_positive("kernel_size", kernel_size)
+        super().__init__(kernel_size, stride, padding)
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         kk = pair(kernel_size)[0] * pair(kernel_size)[1]
@@ -88,19 +78,14 @@ class RankPool2d(nn.Module):
             raise ValueError(f"t must be an int in [1, {kk}], got {t!r}")
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
-        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.mode, self.t, self.alpha = mode, t, alpha
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rank_pool2d(x, self.kernel_size, self.stride, self.padding, self.mode, self.t, self.alpha)
 
-    def rf_rule(self) -> RFRule:
-        return RFRule.make(self.kernel_size, self.stride, self.padding)
-
     def extra_repr(self) -> str:
         extra = f"t={self.t}" if self.mode == "rap" else f"alpha={self.alpha}"
-        return (f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
-                f"mode={self.mode!r}, {extra}")
+        return f"{super().extra_repr()}, mode={self.mode!r}, {extra}"
 
 
 @register("median", kind="data-dependent", locality="local", rf="k3 s2 p1",

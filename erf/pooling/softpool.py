@@ -9,9 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..rfrule import RFRule
 from ._registry import register
-from ._utils import check_positive, windows
+from ._utils import WindowPool2d, windows
 
 
 def soft_pool2d(x: torch.Tensor, kernel_size=2, stride=None, padding=0) -> torch.Tensor:
@@ -32,23 +31,11 @@ def soft_pool2d(x: torch.Tensor, kernel_size=2, stride=None, padding=0) -> torch
     return (w * win).sum(-1)
 
 
-class SoftPool2d(nn.Module):
+class SoftPool2d(WindowPool2d):
     """See :func:`soft_pool2d`."""
-
-    def __init__(self, kernel_size=2, stride=None, padding=0) -> None:
-        super().__init__()
-        check_positive("kernel_size", kernel_size)
-        self.kernel_size, self.padding = kernel_size, padding
-        self.stride = kernel_size if stride is None else stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return soft_pool2d(x, self.kernel_size, self.stride, self.padding)
-
-    def rf_rule(self) -> RFRule:
-        return RFRule.make(self.kernel_size, self.stride, self.padding)
-
-    def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
 
 
 @register("softpool", kind="data-dependent", locality="local", rf="k2 s2",

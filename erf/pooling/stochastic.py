@@ -16,7 +16,7 @@ from torch import nn
 from .. import _rng
 from ..rfrule import RFRule
 from ._registry import register
-from ._utils import check_positive, windows
+from ._utils import WindowPool2d, windows
 
 
 def stochastic_pool2d(x: torch.Tensor, kernel_size=2, stride=None, padding=0,
@@ -45,23 +45,11 @@ def stochastic_pool2d(x: torch.Tensor, kernel_size=2, stride=None, padding=0,
     return win.gather(-1, idx).squeeze(-1)
 
 
-class StochasticPool2d(nn.Module):
+class StochasticPool2d(WindowPool2d):
     """See :func:`stochastic_pool2d` (samples in train mode, weighted mean in eval mode)."""
-
-    def __init__(self, kernel_size=2, stride=None, padding=0) -> None:
-        super().__init__()
-        check_positive("kernel_size", kernel_size)
-        self.kernel_size, self.padding = kernel_size, padding
-        self.stride = kernel_size if stride is None else stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return stochastic_pool2d(x, self.kernel_size, self.stride, self.padding, self.training)
-
-    def rf_rule(self) -> RFRule:
-        return RFRule.make(self.kernel_size, self.stride, self.padding)
-
-    def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
 
 
 def _s3_indices(n: int, grid: int, device) -> torch.Tensor:
