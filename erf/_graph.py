@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import operator
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 

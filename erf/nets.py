@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Callable
 
-import torch
 from torch import nn
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {

@@ -10,8 +10,6 @@ import numpy as np
 
 
 def _axes(ax):
-    import matplotlib
-
     if ax is None:
         import matplotlib.pyplot as plt
 
