@@ -12,12 +12,7 @@ from erf.rfrule import RFRule
 COMPARE = list_pools(head=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trf(net: nn.Sequential) -> int:
