@@ -28,6 +28,7 @@ from torch import nn
 from erf import _rng
 from erf import distributed as _dist
 from erf._batch import choose_batch_size, run_split, use_channels_last
+from erf._fold import fold_batchnorms, plan_folding
 from erf._crop import plan_crop
 from erf._draws import INITS, DrawMaker, describe_init
 from erf._inputs import IterableInputs, make_source
@@ -303,7 +304,7 @@ class _Run:
     def __init__(self, model, input_shape, *, layer, select, grid, unit, channel, unit_relu, inputs, n_inputs,
                  draws, first_draw, init, reduce, method, batch_size, device, dtype, seed, progress,
                  train_mode, nonfinite, crop, checkpoint, checkpoint_every, resume, until_stderr,
-                 vmap_draws=None, distributed=False, dist_timeout=_dist.DEFAULT_TIMEOUT):
+                 vmap_draws=None, distributed=False, dist_timeout=_dist.DEFAULT_TIMEOUT, fold_bn=True):
         if not isinstance(model, nn.Module) and not callable(model):
             raise TypeError(f"model must be an nn.Module or a zero-argument factory returning one, "
                             f"got {type(model).__name__}")
@@ -326,7 +327,7 @@ class _Run:
         if select is not None and not callable(select):
             raise TypeError(f"select must be a callable picking a tensor from the output, got {type(select).__name__}")
         for name, flag in (("unit_relu", unit_relu), ("train_mode", train_mode), ("progress", progress),
-                           ("crop", crop), ("resume", resume)):
+                           ("crop", crop), ("resume", resume), ("fold_bn", fold_bn)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
         self.grid = check_grid(grid)
@@ -336,6 +337,8 @@ class _Run:
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype)
         self.unit_relu, self.train_mode, self.progress, self.crop = unit_relu, train_mode, progress, crop
+        self.fold_bn = fold_bn
+        self.fold_plan: list[tuple[str, str]] = []
         self.checkpoint = None if checkpoint is None else os.fspath(checkpoint)
         self.resume = resume
         if resume and self.checkpoint is None:
@@ -361,6 +364,8 @@ class _Run:
             model = model.double()
         model.train(self.train_mode)
         self._freeze(model)
+        if self.fold_plan:
+            fold_batchnorms(model, self.fold_plan)
         if getattr(self, "channels_last", False):
             model.to(memory_format=torch.channels_last)
         return model
@@ -419,6 +424,10 @@ class _Run:
         self.stats = [RunningMoments.zeros(map_shape, self.device) for _ in self.targets]
         self.skipped = torch.zeros((), dtype=torch.float64, device=self.device)
         self.reduce_fn = _reduce_fn(self.reduce)
+        self.model_hash = model_hash(self.model0)
+        if self.fold_bn and not self.train_mode:  # eval-mode BatchNorm into the conv before it
+            self.fold_plan = plan_folding(self.model0, self.paths)
+            fold_batchnorms(self.model0, self.fold_plan)
         self.channels_last = use_channels_last(self)
         if self.channels_last:
             self.model0.to(memory_format=torch.channels_last)
@@ -676,7 +685,8 @@ def effective_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequen
                  crop: bool = True, checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 20,
                  resume: bool = False, until_stderr: float | None = None,
                  vmap_draws: bool | None = None, distributed: bool = False,
-                 dist_timeout: float = _dist.DEFAULT_TIMEOUT) -> ERFResult | dict[str, ERFResult]:
+                 dist_timeout: float = _dist.DEFAULT_TIMEOUT,
+                 fold_bn: bool = True) -> ERFResult | dict[str, ERFResult]:
     """Effective receptive field of one unit, averaged over inputs and weight draws (Luo et al. 2016).
 
     ``map = E_{draws, inputs}[ reduce(d unit / d x) ]`` with ``reduce`` one of ``mean`` (sum_c g),
@@ -695,6 +705,8 @@ def effective_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequen
         until_stderr: stop early once the relative standard error of the centre region is below this.
         crop: run the network on the smallest input crop that holds the unit's TRF (when the TRF
             analyser calls it safe and a probe confirms it); the map is unchanged.
+        fold_bn: fold each eval-mode BatchNorm into the convolution before it (``erf._fold``; the
+            same function, so the map changes by float rounding only). Never in ``train_mode``.
         vmap_draws: stack weight draws with ``torch.func.vmap`` (``None``: on CUDA when it works).
         distributed, dist_timeout: share the work among the ranks of a torch.distributed job (torchrun;
             :mod:`erf.distributed`), every rank returning the combined result; collectives fail after
@@ -710,7 +722,7 @@ def effective_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequen
                seed=seed, progress=progress, train_mode=train_mode, nonfinite=nonfinite, crop=crop,
                checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
                until_stderr=until_stderr, vmap_draws=vmap_draws, distributed=distributed,
-               dist_timeout=dist_timeout)
+               dist_timeout=dist_timeout, fold_bn=fold_bn)
     run.setup()
     base = {
         "input_shape": list(run.input_shape), "inputs": run.inputs_desc,
@@ -722,7 +734,7 @@ def effective_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequen
         "channel": _jsonable(run.targets[0].channels), "grid": _jsonable(run.grid),
         "select": _jsonable(select), "nonfinite": run.nonfinite, "until_stderr": run.until_stderr,
         "model": type(run.model0).__name__ if not run.maker.is_factory else _jsonable(model),
-        "model_hash": model_hash(run.model0),
+        "model_hash": run.model_hash,
         "layers": run.paths, "units": [list(t.unit) for t in run.targets],
     }
     t0 = time.perf_counter()
@@ -733,7 +745,7 @@ def effective_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequen
             "device_name": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else platform.processor() or "cpu",
             "seconds": elapsed, "skipped": float(run.skipped.item()),
             "crop": None if run.crop_plan is None else [[w.start, w.stop] for w in run.crop_plan.window],
-            "vmap_draws": run.stacker is not None}
+            "vmap_draws": run.stacker is not None, "folded_batchnorms": len(run.fold_plan)}
     if run.dist is not None:
         meta["world_size"] = run.dist.world_size
     if meta["skipped"]:
