@@ -3,7 +3,9 @@
 Rows per case: (a) the batch-1 protocol of the RepLKNet / OpenERF scripts (one image per
 forward + backward, per-image host transfer), reimplemented here; (b) a bare batched forward +
 backward (the floor); (c) ``erf.effective_rf`` with its defaults; (d) the engine without the cone
-crop, with channels_last off, and in bf16 (deviation from float32 reported). Cases: torchvision
+crop, without BatchNorm folding (the plain path: the reference of every deviation), with
+channels_last off, and in bf16; (e) the plain path in float64, whose deviation is float32's own
+rounding in this network. Cases: torchvision
 ResNet-50 (random weights, eval, ``layer4``) at 224^2 and 1024^2, a 20-layer 16-wide conv stack
 with many weight draws (vmap vs loop), and ``pooling_net`` of every local pooling module.
 
@@ -105,7 +107,8 @@ def engine_run(model, shape, dev, **kw) -> erf.ERFResult:
     return erf.effective_rf(model, shape, device=dev, progress=False, **kw)
 
 
-def resnet_case(size: int, n: int, n_b1: int, dev: torch.device, repeats: int, bf16: bool = True) -> list[dict]:
+def resnet_case(size: int, n: int, n_b1: int, dev: torch.device, repeats: int, bf16: bool = True,
+                f64: bool = False) -> list[dict]:
     import torchvision
 
     torch.manual_seed(0)
@@ -116,7 +119,8 @@ def resnet_case(size: int, n: int, n_b1: int, dev: torch.device, repeats: int, b
     rows = []
     t, ref_b1, mem = timed(lambda: batch1_protocol(features, x[:n_b1], dev), dev, repeats)
     rows.append(dict(path="(a) batch-1 protocol", n=n_b1, s=t, mem=mem))
-    base = engine_run(model, shape, dev, layer="layer4", inputs=x, crop=False)  # also warms up
+    # the plain path (no crop, no BatchNorm folding): the reference of every deviation; also warms up
+    base = engine_run(model, shape, dev, layer="layer4", inputs=x, crop=False, fold_bn=False)
     bs = base.config["batch_size"]
     for p in features.parameters():
         p.requires_grad_(False)
@@ -128,20 +132,30 @@ def resnet_case(size: int, n: int, n_b1: int, dev: torch.device, repeats: int, b
                      n=n, s=t, mem=mem, dev=rel_dev(res.map, base.map)))
     t, r, mem = timed(lambda: engine_run(model, shape, dev, layer="layer4", inputs=x, crop=False), dev, repeats)
     rows.append(dict(path="(d) engine, crop=False", n=n, s=t, mem=mem, dev=rel_dev(r.map, base.map)))
+    t, r, mem = timed(lambda: engine_run(model, shape, dev, layer="layer4", inputs=x, crop=False, fold_bn=False),
+                      dev, repeats)
+    rows.append(dict(path="(d) engine, crop=False, fold_bn=False (the plain path)", n=n, s=t, mem=mem, dev=0.0))
     if res.ndim_spatial == 2:
         saved = engine.use_channels_last
         engine.use_channels_last = lambda run: False
         try:
-            t, r, mem = timed(lambda: engine_run(model, shape, dev, layer="layer4", inputs=x, crop=False), dev, repeats)
+            t, r, mem = timed(lambda: engine_run(model, shape, dev, layer="layer4", inputs=x, crop=False,
+                                                 fold_bn=False), dev, repeats)
         finally:
             engine.use_channels_last = saved
-        rows.append(dict(path="(d) engine, crop=False, channels_last off", n=n, s=t, mem=mem,
+        rows.append(dict(path="(d) engine, crop=False, fold_bn=False, channels_last off", n=n, s=t, mem=mem,
                          dev=rel_dev(r.map, base.map)))
     if bf16:  # on CPU bf16 autocast is a slow emulation (measured 0.28x of the batch-1 protocol): opt in
         t, r, mem = timed(lambda: engine_run(model, shape, dev, layer="layer4", inputs=x, dtype=torch.bfloat16),
                           dev, repeats)
         rows.append(dict(path="(d) engine defaults, bf16 autocast", n=n, s=t, mem=mem, dev=rel_dev(r.map, base.map)))
-    rows[0]["dev"] = rel_dev(ref_b1, engine_run(model, shape, dev, layer="layer4", inputs=x[:n_b1], crop=False).map)
+    rows[0]["dev"] = rel_dev(ref_b1, engine_run(model, shape, dev, layer="layer4", inputs=x[:n_b1], crop=False,
+                                                 fold_bn=False).map)
+    if f64:  # the float32 rounding of this network, the scale every deviation above is read against
+        t, r, mem = timed(lambda: engine_run(model, shape, dev, layer="layer4", inputs=x, crop=False, fold_bn=False,
+                                             dtype=torch.float64), dev, 1)
+        rows.append(dict(path="(e) plain path in float64 (float32 rounding reference)", n=n, s=t, mem=mem,
+                         dev=rel_dev(base.map, r.map)))
     return rows
 
 
@@ -203,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     name = device_name(dev)
     md = [f"## Engine benchmark on {name}", "",
           f"torch {torch.__version__}, erf {erf.__version__}, seconds = min of {args.repeats} runs; "
-          "'max rel. dev.' = max |map - float32 engine map| / max. CPU peak memory is the process's "
+          "'max rel. dev.' = max |map - plain-path float32 map| / max (row (e): float32 vs float64). CPU peak memory is the process's "
           "max RSS so far (cumulative).", ""]
     results: dict[str, Any] = {"device": name, "torch": torch.__version__, "cases": {}}
 
@@ -215,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if "resnet224" in cases:
         n, n1 = (256, 64) if gpu else ((4, 2) if args.quick else (16, 8))
-        rows = resnet_case(224, n, n1, dev, args.repeats, bf16=gpu or args.bf16_cpu)
+        rows = resnet_case(224, n, n1, dev, args.repeats, bf16=gpu or args.bf16_cpu, f64=True)
         emit("resnet50_224", "ResNet-50, 224x224, layer4 centre unit", rows, rows[0]["n"] / rows[0]["s"])
     if "resnet1024" in cases:
         n, n1 = (64, 16) if gpu else ((1, 1) if args.quick else (2, 1))
