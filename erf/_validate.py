@@ -5,8 +5,9 @@ argument's name and lists the accepted values. Private helpers trust their input
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -127,3 +128,18 @@ def resolve_layer(model: nn.Module, layer: Any) -> str:
                 return name
         raise ValueError("layer is a module that is not part of the model")
     raise TypeError(f"layer must be None, a module path string or an nn.Module, got {type(layer).__name__}")
+
+
+@contextlib.contextmanager
+def model_accepts(input_shape: Sequence[int]) -> Iterator[None]:
+    """Turns the model's own error on a probe input into one ``ValueError`` naming ``input_shape``
+    (a RuntimeError from torch usually means too small an input or the wrong channel count)."""
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"input_shape {tuple(input_shape)} is not accepted by the model: "
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    except RuntimeError as exc:
+        raise ValueError(f"input_shape {tuple(input_shape)} is not accepted by the model (too small or wrong "
+                         f"number of channels?): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                         ) from None

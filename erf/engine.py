@@ -37,7 +37,7 @@ from erf._stats import RunningMoments, merge_numpy, stderr_of
 from erf._target import Target, check_grid
 from erf._vmap import plan_stacking
 from erf._validate import (check_choice, check_conv_rank, check_input_shape, check_int, check_positive_float,
-                           resolve_layer)
+                           model_accepts, resolve_layer)
 
 REDUCES = ("mean", "abs", "square", "relu")
 METHODS = ("gradient", "guided_backprop", "deconvolution", "integrated_gradients")
@@ -403,14 +403,8 @@ class _Run:
         leaves = [m for m in self.model0.modules() if not list(m.children())]
         handles = [m.register_forward_hook(count) for m in leaves]
         try:
-            with torch.no_grad():
+            with torch.no_grad(), model_accepts(self.input_shape):
                 outs = self._forward(self.model0, x, stop=self.method == "gradient")
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"input_shape {self.input_shape} is not accepted by the model: {exc}") from None
-        except RuntimeError as exc:
-            msg = str(exc).split("\n")[0]
-            raise ValueError(f"input_shape {self.input_shape} is not accepted by the model (too small or wrong "
-                             f"number of channels?): {msg}") from None
         finally:
             for h in handles:
                 h.remove()

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _graph as G
-from ._validate import check_conv_rank, check_index, check_input_shape, resolve_layer
+from ._validate import check_conv_rank, check_index, check_input_shape, model_accepts, resolve_layer
 
 __all__ = ["RFReport", "EmpiricalTRF", "theoretical_rf", "empirical_trf"]
 
@@ -299,9 +299,13 @@ def theoretical_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequ
     work = copy.deepcopy(model, memo).eval()
     check_conv_rank(work, input_shape)
     try:
-        graph = _build(work, input_shape)
-    except Exception as exc:
-        raise ValueError(f"model cannot run on input_shape {input_shape}: {exc}") from exc
+        with model_accepts(input_shape):  # the model's own errors: one line naming input_shape
+            graph = _build(work, input_shape)
+    except ValueError:
+        raise
+    except Exception as exc:  # anything else the analysis met
+        raise ValueError(f"input_shape {input_shape}: the analysis failed: "
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     for msg in graph.warnings:
         warnings.warn(msg, stacklevel=2)
     ops = graph.ops
@@ -569,13 +573,10 @@ def empirical_trf(model: nn.Module | Callable[[], nn.Module], input_shape: Seque
         x.requires_grad_(True)
         with _DenseMaxPatch():
             try:
-                out = m(x)
+                with model_accepts(input_shape):
+                    out = m(x)
             except _Stop:
                 out = captured["out"]
-            except (RuntimeError, ValueError, TypeError) as exc:
-                msg = str(exc).split("\n")[0]
-                raise ValueError(f"input_shape {input_shape} is not accepted by the model (too small or wrong "
-                                 f"number of channels?): {msg}") from None
     finally:
         for h in handles:
             h.remove()
