@@ -129,6 +129,9 @@ def use_channels_last(run: Any) -> bool:
     """channels_last for model and input: 2-D convolution nets in float32/bf16/fp16, GPU and CPU.
 
     ENGINEERING.md measured ~1.35x on CPU for a ResNet-like net (maps equal to 2.4e-7); the
-    benchmarks (``benchmarks/bench_engine.py``) measure it again. float64 and 1-D/3-D stay contiguous.
+    benchmarks (``benchmarks/bench_engine.py``) measure it again. float64, 1-D/3-D and nets holding a
+    module that declares ``prefers_contiguous = True`` (gather-based pooling, slower in channels_last)
+    stay contiguous.
     """
-    return run.ndim == 2 and run.dtype != torch.float64 and run.method == "gradient"
+    return (run.ndim == 2 and run.dtype != torch.float64 and run.method == "gradient"
+            and not any(getattr(m, "prefers_contiguous", False) for m in run.model0.modules()))

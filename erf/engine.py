@@ -739,7 +739,8 @@ def effective_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequen
             "device_name": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else platform.processor() or "cpu",
             "seconds": elapsed, "skipped": float(run.skipped.item()),
             "crop": None if run.crop_plan is None else [[w.start, w.stop] for w in run.crop_plan.window],
-            "vmap_draws": run.stacker is not None, "folded_batchnorms": len(run.fold_plan)}
+            "vmap_draws": run.stacker is not None, "folded_batchnorms": len(run.fold_plan),
+            "channels_last": bool(run.channels_last)}
     if run.dist is not None:
         meta["world_size"] = run.dist.world_size
     if meta["skipped"]:

@@ -262,3 +262,10 @@ def test_channels_last_equals_contiguous(monkeypatch):
         monkeypatch.setattr(engine, "use_channels_last", lambda run, flag=flag: flag)
         runs[flag] = erf.effective_rf(model, (3, 32, 32), crop=False, **OPTS)
     _close(runs[False].map, runs[True].map)
+
+
+def test_gather_based_pooling_keeps_contiguous_memory():
+    """Modules declaring ``prefers_contiguous`` (slower in channels_last) keep the net contiguous."""
+    layouts = [erf.effective_rf(pooling_net(name, depth=1, width=4), (3, 24, 24), crop=False, **OPTS
+                                ).meta["channels_last"] for name in ("dynopool", "softpool", "tree", "max")]
+    assert layouts == [False, False, False, True]

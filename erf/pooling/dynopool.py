@@ -51,6 +51,10 @@ class DynOPool2d(nn.Module):
     Jang et al. 2022, https://arxiv.org/abs/2205.15254
     """
 
+    #: the engine keeps nets holding this module in contiguous memory: channels_last ran its
+    #: pooling_net at 0.82x the speed (2 CPU cores, 16 inputs of 3x128x128)
+    prefers_contiguous = True
+
     def __init__(self, stride=2.0, delta=None, learnable: bool = True) -> None:
         super().__init__()
         alpha = torch.tensor([float(v) for v in pair(stride)])

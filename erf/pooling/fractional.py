@@ -44,6 +44,10 @@ class FractionalMaxPool2d(nn.Module):
     Graham 2014, https://arxiv.org/abs/1412.6071. Needs ``H >= k + out - 1``.
     """
 
+    #: the engine keeps nets holding this module in contiguous memory: channels_last ran its
+    #: pooling_net at 0.90x the speed (2 CPU cores, 16 inputs of 3x128x128)
+    prefers_contiguous = True
+
     def __init__(self, kernel_size=3, output_ratio=0.5, output_size=None,
                  eval_sample: float = 0.5) -> None:
         super().__init__()

@@ -89,6 +89,10 @@ class TreePool2d(WindowPool2d):
     ``1/k^2 (1 + U(-1/2, 1/2))``; the gate U(-1/k, 1/k).
     """
 
+    #: the engine keeps nets holding this module in contiguous memory: channels_last ran its
+    #: pooling_net at 0.80x the speed (2 CPU cores, 16 inputs of 3x128x128)
+    prefers_contiguous = True
+
     def __init__(self, kernel_size=2, stride=None, padding=0) -> None:
         super().__init__(kernel_size, stride, padding)
         # rows: v1, v2, w

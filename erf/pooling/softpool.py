@@ -34,6 +34,10 @@ def soft_pool2d(x: torch.Tensor, kernel_size=2, stride=None, padding=0) -> torch
 class SoftPool2d(WindowPool2d):
     """See :func:`soft_pool2d`."""
 
+    #: the engine keeps nets holding this module in contiguous memory: channels_last ran its
+    #: pooling_net at 0.86x the speed (2 CPU cores, 16 inputs of 3x128x128)
+    prefers_contiguous = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return soft_pool2d(x, self.kernel_size, self.stride, self.padding)
 
