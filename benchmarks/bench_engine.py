@@ -217,7 +217,8 @@ def pooling_case(n: int, dev: torch.device, repeats: int) -> list[dict]:
                            ("engine", lambda: engine_run(net, shape, dev, inputs=x))], dev, repeats)
         t_floor, t_eng, res, mem = got["floor"][0], got["engine"][0], got["engine"][1], got["engine"][2]
         rows.append(dict(path=f"{name}", n=n, s=t_eng, floor=t_floor, mem=mem, setup=setup_s(t_eng, res),
-                         crop="on" if res.meta.get("crop") else "off"))
+                         crop="on" if res.meta.get("crop") else "off",
+                         channels_last="on" if res.meta.get("channels_last") else "off"))
     return rows
 
 
@@ -237,59 +238,85 @@ def table(title: str, rows: list[dict], ref: float | None) -> str:
     return "\n".join(out)
 
 
+def pooling_table(title: str, rows: list[dict]) -> str:
+    """Markdown rows of the pooling case; 'steady' leaves out the engine's set-up."""
+    lines = [f"### {title}", "",
+             "| module | engine s | of which setup | floor s | engine / floor speed | steady state / floor | crop | "
+             "channels_last | peak MiB |", "|---|---:|---:|---:|---:|---:|---|---|---:|"]
+    for r in rows:
+        steady = r["floor"] / max(r["s"] - r["setup"], 1e-9)
+        lines.append(f"| {r['path']} | {r['s']:.3f} | {r['setup']:.3f} | {r['floor']:.3f} | "
+                     f"{r['floor'] / r['s']:.2f}x | {steady:.2f}x | {r['crop']} | {r.get('channels_last', '-')} | "
+                     f"{r['mem']:.0f} |")
+    return "\n".join(lines)
+
+
+def render(results: dict[str, Any]) -> str:
+    """The markdown report of every case in ``results`` (also those kept from an earlier run)."""
+    md = [f"## Engine benchmark on {results['device']}", "",
+          f"torch {results['torch']}, erf {results.get('erf', '?')}. Seconds: the best of the rounds in which the "
+          "paths of a case take turns. 'max rel. dev.' = max |map - plain-path float32 map| / max (row (e): "
+          "float32 vs float64). 'of which setup': seconds before the first batch (TRF analysis, crop check, "
+          "probes). CPU peak memory is the process's max RSS so far (cumulative).", ""]
+    for key, case in results["cases"].items():
+        rows = case["rows"] if isinstance(case, dict) else case
+        title = case.get("title", key) if isinstance(case, dict) else key
+        if key == "pooling_net":
+            md.append(pooling_table(title, rows) + "\n")
+        else:
+            md.append(table(title, rows, rows[0]["n"] / rows[0]["s"]) + "\n")
+    return "\n".join(md)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2, help="rounds (ResNet-50 at 224: at least 3)")
     ap.add_argument("--quick", action="store_true", help="smallest sizes (a smoke run)")
-    ap.add_argument("--cases", default="resnet224,resnet1024,stack,pooling")
+    ap.add_argument("--cases", default="resnet224,resnet1024,stack,pooling",
+                    help="a subset re-measures those cases and keeps the others of the saved report")
     ap.add_argument("--bf16-cpu", action="store_true", help="also time bf16 autocast on the CPU (slow there)")
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = dev.type == "cuda"
     cases = args.cases.split(",")
     name = device_name(dev)
-    md = [f"## Engine benchmark on {name}", "",
-          f"torch {torch.__version__}, erf {erf.__version__}, seconds = min of {args.repeats} runs; "
-          "'max rel. dev.' = max |map - plain-path float32 map| / max (row (e): float32 vs float64). CPU peak memory is the process's "
-          "max RSS so far (cumulative).", ""]
-    results: dict[str, Any] = {"device": name, "torch": torch.__version__, "cases": {}}
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"engine_{dev.type}{'_quick' if args.quick else ''}")
+    results: dict[str, Any] = {"device": name, "torch": torch.__version__, "erf": erf.__version__, "cases": {}}
+    try:
+        with open(stem + ".json") as fh:
+            saved = json.load(fh)
+        if saved.get("device") == name and saved.get("torch") == torch.__version__:
+            results["cases"] = saved.get("cases", {})
+    except (OSError, ValueError):
+        pass
 
-    def emit(key: str, title: str, rows: list[dict], ref: float | None) -> None:
-        text = table(title, rows, ref)
+    def emit(key: str, title: str, rows: list[dict]) -> None:
+        results["cases"][key] = {"title": title, "rows": rows}
+        text = pooling_table(title, rows) if key == "pooling_net" else table(title, rows, rows[0]["n"] / rows[0]["s"])
         print(text + "\n", flush=True)
-        md.append(text + "\n")
-        results["cases"][key] = rows
 
     if "resnet224" in cases:
         n, n1 = (256, 64) if gpu else ((4, 2) if args.quick else (16, 8))
         rows = resnet_case(224, n, n1, dev, max(args.repeats, 3), bf16=gpu or args.bf16_cpu, f64=True)
-        emit("resnet50_224", "ResNet-50, 224x224, layer4 centre unit", rows, rows[0]["n"] / rows[0]["s"])
+        emit("resnet50_224", "ResNet-50, 224x224, layer4 centre unit", rows)
     if "resnet1024" in cases:
         n, n1 = (64, 16) if gpu else ((1, 1) if args.quick else (8, 1))  # 8: the crop's setup check pays off
         rows = resnet_case(1024, n, n1, dev, 1 if not gpu else args.repeats, bf16=gpu or args.bf16_cpu)
-        emit("resnet50_1024", "ResNet-50, 1024x1024, layer4 centre unit", rows, rows[0]["n"] / rows[0]["s"])
+        emit("resnet50_1024", "ResNet-50, 1024x1024, layer4 centre unit", rows)
     if "stack" in cases:
         draws, n = (64, 16) if gpu else ((4, 4) if args.quick else (8, 8))
         rows = stack_case(draws, n, dev, args.repeats)
-        emit("conv_stack", f"20-layer 16-wide conv stack, 64x64, {draws} draws x {n} inputs", rows,
-             rows[0]["n"] / rows[0]["s"])
+        emit("conv_stack", f"20-layer 16-wide conv stack, 64x64, {draws} draws x {n} inputs", rows)
     if "pooling" in cases:
         n = 64 if gpu else (4 if args.quick else 16)
-        rows = pooling_case(n, dev, args.repeats)
-        lines = [f"### pooling_net (3x128x128), {n} inputs: engine defaults vs the bare batched floor", "",
-                 "| module | engine s | of which setup | floor s | engine / floor speed | crop | peak MiB |",
-                 "|---|---:|---:|---:|---:|---|---:|"]
-        for r in rows:
-            lines.append(f"| {r['path']} | {r['s']:.3f} | {r['setup']:.3f} | {r['floor']:.3f} | "
-                         f"{r['floor'] / r['s']:.2f}x | {r['crop']} | {r['mem']:.0f} |")
-        print("\n".join(lines) + "\n", flush=True)
-        md.append("\n".join(lines) + "\n")
-        results["cases"]["pooling_net"] = rows
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"engine_{dev.type}{'_quick' if args.quick else ''}")
+        emit("pooling_net", f"pooling_net (3x128x128), {n} inputs: engine defaults vs the bare batched floor",
+             pooling_case(n, dev, args.repeats))
+    order = ["resnet50_224", "resnet50_1024", "conv_stack", "pooling_net"]
+    results["cases"] = {k: results["cases"][k] for k in order if k in results["cases"]}
     with open(stem + ".md", "w") as fh:
-        fh.write("\n".join(md))
+        fh.write(render(results))
     with open(stem + ".json", "w") as fh:
         json.dump(results, fh, indent=1)
     print(f"written: {stem}.md, {stem}.json")
