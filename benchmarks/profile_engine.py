@@ -185,7 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     def stepb():
         bare_batched(folded, x.contiguous(memory_format=torch.channels_last), args.batch, dev)
 
+    def step_floor():
+        bare_batched(features, x, args.batch, dev)
+
     md += op_table(step1, "batch-1 protocol, one image")
+    md += op_table(step_floor, f"bare batched floor, BatchNorm not folded, B={args.batch}")
     md += op_table(stepb, f"engine's computation: BatchNorm folded, channels_last, B={args.batch}")
     text = "\n".join(md)
     print(text)
