@@ -222,3 +222,22 @@ def test_fold_batchnorms_replaces_the_norm_with_identity():
 def test_fold_bn_must_be_a_bool():
     with pytest.raises(TypeError, match="fold_bn"):
         erf.effective_rf(_resnetish(), (2, 12, 12), fold_bn="yes")
+
+
+@pytest.mark.parametrize("name,layer,expected", [
+    ("mobilenet_v2", "features", "all"),        # Conv2dNormActivation blocks (nn.Sequential subclasses)
+    ("googlenet", "inception4a", "all"),        # BasicConv2d: attribute-called conv and bn
+    ("shufflenet_v2_x0_5", "stage3", "all"),    # channel shuffle between branches
+    ("densenet121", "features", 1 + 6 + 12 + 24 + 16),  # pre-activation: only the stem and conv1 -> norm2
+])
+def test_torchvision_architectures(name, layer, expected):
+    tv = pytest.importorskip("torchvision")
+    kw = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+    model = _randomise_bn(getattr(tv.models, name)(**kw))
+    if expected == "all":
+        expected = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    a = erf.effective_rf(model, (3, 64, 64), layer=layer, inputs=x, dtype=torch.float64, fold_bn=False, **OPTS)
+    b = erf.effective_rf(model, (3, 64, 64), layer=layer, inputs=x, dtype=torch.float64, **OPTS)
+    assert b.meta["folded_batchnorms"] == expected
+    _close(a.map, b.map, 1e-12)
