@@ -4,7 +4,7 @@ In eval mode ``BN(conv(x)) = conv'(x)`` with ``w' = w * g / sqrt(v + eps)`` and
 ``b' = (b - m) * g / sqrt(v + eps) + beta`` per output channel (running mean ``m`` and variance
 ``v``, affine ``g``, ``beta``): the same function, so the same input gradient up to float
 rounding, without the BatchNorm's forward and backward passes over the activations
-(17 % of a ResNet-50 forward+backward on CPU). The arithmetic is torch's
+(8-18 % of a batched ResNet-50 forward+backward on CPU: benchmarks/profile_engine.py). The arithmetic is torch's
 ``torch.nn.utils.fusion.fuse_conv_bn_eval``; this module decides *which* pairs are safe:
 
 - the convolution's output goes to the BatchNorm and nowhere else, found on a ``torch.fx`` trace
@@ -25,6 +25,8 @@ from typing import Iterable
 import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from erf._draws import _inside_pooling
 
 log = logging.getLogger("erf")
 
@@ -97,12 +99,9 @@ def plan_folding(model: nn.Module, keep: Iterable[str]) -> list[tuple[str, str]]
         log.debug("BatchNorm folding: fx trace failed (%s); using nn.Sequential neighbours", exc)
         candidates = _pairs_from_sequentials(model)
     keep = {p for p in keep if p}
-    inside_pooling = {name for name, m in model.named_modules()
-                      if type(m).__module__.startswith("erf.pooling")}
+    skip = _inside_pooling(model)  # an erf.pooling module's insides are its own
     out = []
     for conv_path, bn_path in candidates:
-        if any(conv_path.startswith(p + ".") or bn_path.startswith(p + ".") for p in inside_pooling):
-            continue
         # A read layer whose output may be the convolution's own (the layer ends with it).
         if any(conv_path == p or (conv_path.startswith(p + ".") and not bn_path.startswith(p + "."))
                for p in keep):
@@ -111,7 +110,7 @@ def plan_folding(model: nn.Module, keep: Iterable[str]) -> list[tuple[str, str]]
             conv, bn = model.get_submodule(conv_path), model.get_submodule(bn_path)
         except AttributeError:
             continue
-        if _foldable(conv, bn):
+        if id(conv) not in skip and id(bn) not in skip and _foldable(conv, bn):
             out.append((conv_path, bn_path))
     return out
 
