@@ -247,21 +247,21 @@ def plan_stacking(run: Any, vmap_draws: bool | None) -> DrawStacker | None:
     except Exception as exc:
         where = _module_at_fault(run, params, buffers, x)
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        msg = f"weight draws run in a loop: torch.func.vmap cannot run module {where} ({first})"
-        if vmap_draws:
-            warnings.warn(msg, stacklevel=4)
-        else:
-            log.info("erf: %s", msg)
-        return None
-    for i, m in enumerate(stacked):
-        loop = run._maps(run.model0, x[0])[i]
+        return _loop_instead(f"torch.func.vmap cannot run module {where} ({first})", vmap_draws)
+    loop_maps = run._maps(run.model0, x[0])  # the plain path's maps of the first trial draw, once
+    for m, loop in zip(stacked, loop_maps):
         scale = float(loop.abs().max())
         diff = float((m[0] - loop).abs().max())
         if not math.isfinite(diff) or diff > 1e-4 * max(scale, 1e-30):
-            msg = f"weight draws run in a loop: the vmapped map differs from the loop's by {diff:.3g}"
-            if vmap_draws:
-                warnings.warn(msg, stacklevel=4)
-            else:
-                log.info("erf: %s", msg)
-            return None
+            return _loop_instead(f"the vmapped map differs from the loop's by {diff:.3g}", vmap_draws)
     return DrawStacker(run)
+
+
+def _loop_instead(reason: str, vmap_draws: bool | None) -> None:
+    """Give up stacking: a warning when it was asked for (``vmap_draws=True``), else a log line."""
+    msg = f"weight draws run in a loop: {reason}"
+    if vmap_draws:
+        warnings.warn(msg, stacklevel=5)
+    else:
+        log.info("erf: %s", msg)
+    return None
