@@ -7,8 +7,8 @@ Ding, Zhang, Zhou, Han, Ding, Sun, "Scaling Up Your Kernels to 31x31: Revisiting
 Kernel Design in CNNs" (RepLKNet), CVPR 2022. https://arxiv.org/abs/2203.06717
   (high-contribution area ratio of centred squares, on log10(map + 1) / max).
 
-Every function takes a non-negative 1-, 2- or 3-D array-like on the input grid (callers
-pass ``abs`` of signed maps). Axes are in array order, ``(row, col)`` / ``(depth, row, col)``.
+:func:`moments` and :func:`metrics` take a non-negative 1-, 2- or 3-D array-like on the
+input grid (callers pass ``abs`` of signed maps); :func:`fit_gaussian` takes any finite map. Axes are in array order, ``(row, col)`` / ``(depth, row, col)``.
 """
 from __future__ import annotations
 
@@ -178,16 +178,19 @@ def moments(map: Any) -> Moments:
 # ----------------------------------------------------------------------- Gaussian fit
 @dataclass(frozen=True, eq=False)
 class GaussianFit:
-    """Least-squares Gaussian A exp(-1/2 (x - mu)^T Sigma^-1 (x - mu)), no offset.
+    """Least-squares Gaussian A exp(-1/2 (x - mu)^T Sigma^-1 (x - mu)) + c (c = 0 unless asked).
 
     Attributes:
         center: (d,) mu in array order. cov: (d, d) Sigma. sigma: (d,) sqrt of diag(Sigma).
         sigma_major / sigma_minor: sqrt of the largest / smallest eigenvalue of Sigma.
         theta_deg: major axis from +col towards +row, in (-90, 90]; None unless 2-D.
-        amplitude: A, in the map's units. r2: coefficient of determination on the whole map.
+        amplitude: A, in the map's units (negative for a trough of a signed map).
+        offset: c, the constant background (0.0 unless fitted with ``offset=True``).
+        r2: coefficient of determination on the whole map. rmse: root-mean-square residual on
+            the whole map, in the map's units (for a good fit, the noise level of the map).
         stderr: standard errors from the fit's parameter covariance (keys ``center``,
-            ``sigma``, ``cov``, ``sigma_major``, ``sigma_minor``, ``amplitude`` and, in 2-D,
-            ``theta_deg``), assuming i.i.d. residuals: a misfit scale, not sampling noise.
+            ``sigma``, ``cov``, ``sigma_major``, ``sigma_minor``, ``amplitude``, in 2-D
+            ``theta_deg``, with an offset ``offset``), assuming i.i.d. residuals.
         n_points: number of map positions the optimiser used (after cropping/subsampling).
     """
 
@@ -201,22 +204,31 @@ class GaussianFit:
     r2: float
     stderr: dict[str, Any] = field(default_factory=dict)
     n_points: int = 0
+    offset: float = 0.0
+    rmse: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of the fields."""
         se = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.stderr.items()}
         return {"center": self.center.tolist(), "cov": self.cov.tolist(), "sigma": self.sigma.tolist(),
                 "sigma_major": self.sigma_major, "sigma_minor": self.sigma_minor,
-                "theta_deg": self.theta_deg, "amplitude": self.amplitude, "r2": self.r2,
-                "stderr": se, "n_points": self.n_points}
+                "theta_deg": self.theta_deg, "amplitude": self.amplitude, "offset": self.offset,
+                "r2": self.r2, "rmse": self.rmse, "stderr": se, "n_points": self.n_points}
+
+
+def _n_core(d: int) -> int:
+    """Parameters of the Gaussian itself: amplitude, d centre, d(d+1)/2 precision factors."""
+    return 1 + d + d * (d + 1) // 2
 
 
 def _unpack(p: np.ndarray, d: int) -> tuple[float, np.ndarray, np.ndarray]:
-    """params -> (A, mu, L) with precision P = L L^T, L lower triangular, log diagonal."""
+    """params -> (A, mu, L) with precision P = L L^T, L lower triangular, log diagonal.
+
+    A trailing parameter beyond :func:`_n_core` is the constant offset (ignored here)."""
     amp, mu = p[0], p[1:1 + d]
     L = np.zeros((d, d))
     L[np.diag_indices(d)] = np.exp(p[1 + d:1 + 2 * d])
-    L[np.tril_indices(d, -1)] = p[1 + 2 * d:]
+    L[np.tril_indices(d, -1)] = p[1 + 2 * d:_n_core(d)]
     return amp, mu, L
 
 
@@ -225,23 +237,29 @@ def _pack(amp: float, mu: np.ndarray, L: np.ndarray) -> np.ndarray:
     return np.concatenate([[amp], mu, np.log(np.diag(L)), L[np.tril_indices(d, -1)]])
 
 
-def _model(p: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _model(p: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(prediction, exp part, x - mu, L^T (x - mu), Gaussian part without the offset)."""
     d = X.shape[1]
     amp, mu, L = _unpack(p, d)
     Y = X - mu
     Z = Y @ L  # z = L^T (x - mu), so q = |z|^2
     e = np.exp(-0.5 * np.einsum("ij,ij->i", Z, Z))
-    return amp * e, e, Y, Z
+    f = amp * e
+    if len(p) > _n_core(d):  # constant offset
+        return f + p[-1], e, Y, Z, f
+    return f, e, Y, Z, f
 
 
 def _jacobian(p: np.ndarray, X: np.ndarray) -> np.ndarray:
     d = X.shape[1]
     amp, _, L = _unpack(p, d)
-    f, e, Y, Z = _model(p, X)
+    _, e, Y, Z, f = _model(p, X)
     cols = [e, *(f[:, None] * (Z @ L.T)).T]
     cols += [-f * Z[:, i] * Y[:, i] * L[i, i] for i in range(d)]
     rows, colsj = np.tril_indices(d, -1)
     cols += [-f * Z[:, j] * Y[:, i] for i, j in zip(rows, colsj)]
+    if len(p) > _n_core(d):
+        cols.append(np.ones_like(e))
     return np.stack(cols, axis=1)
 
 
@@ -253,6 +271,8 @@ def _derived(p: np.ndarray, d: int, theta_ref: float | None) -> np.ndarray:
     out = [amp, *mu, *np.sqrt(np.diag(cov)), major, minor, *cov[np.triu_indices(d)]]
     if d == 2:
         out.append(theta_ref + _wrap_angle(theta - theta_ref))
+    if len(p) > _n_core(d):
+        out.append(p[-1])
     return np.asarray(out, dtype=np.float64)
 
 
@@ -262,7 +282,7 @@ def _fit_points(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     offset = np.zeros(arr.ndim)
     step = 1
     if arr.size > _MAX_FIT_POINTS:
-        keep = np.argwhere(arr > 1e-4 * arr.max())
+        keep = np.argwhere(np.abs(arr) > 1e-4 * np.abs(arr).max())
         lo = np.maximum(keep.min(axis=0) - 2, 0)
         hi = np.minimum(keep.max(axis=0) + 3, arr.shape)
         sub = arr[tuple(slice(a, b) for a, b in zip(lo, hi))]
@@ -278,32 +298,35 @@ def _warn(reason: str) -> None:
     warnings.warn(f"fit_gaussian: no fit ({reason}); returning None", FitWarning, stacklevel=3)
 
 
-def fit_gaussian(map: Any) -> GaussianFit | None:
-    """Least-squares Gaussian fit A exp(-1/2 (x - mu)^T Sigma^-1 (x - mu)), full covariance.
+def fit_gaussian(map: Any, *, offset: bool = False) -> GaussianFit | None:
+    """Least-squares Gaussian fit A exp(-1/2 (x - mu)^T Sigma^-1 (x - mu)) [+ c], full covariance.
 
-    No constant offset. Sigma^-1 = L L^T with L lower triangular and a log-parametrised
-    diagonal (always positive definite); analytic Jacobian; scipy.optimize.least_squares,
-    initialised from :func:`moments`. 1-D, 2-D and 3-D maps (full covariance in all).
-    Maps above 2^17 positions are cropped to their mass and subsampled for the optimiser;
-    ``r2`` is always computed on the whole map. Luo et al. 2016 (ERF as a Gaussian).
+    Any finite map, signed or not: least squares needs no non-negativity, so a noisy Gaussian
+    or a signed ``mean`` map is fitted as it is (a map dominated by negative values gets a
+    negative amplitude, a trough). ``offset=True`` adds a constant background c. Sigma^-1 =
+    L L^T with L lower triangular and a log-parametrised diagonal (always positive definite);
+    analytic Jacobian; scipy.optimize.least_squares, initialised from the second moments of
+    the peak. Maps above 2^17 positions are cropped to their mass and subsampled for the
+    optimiser; ``r2`` and ``rmse`` (goodness of fit) are computed on the whole map. Luo et
+    al. 2016 (ERF as a Gaussian), https://arxiv.org/abs/1701.04128
 
     Args:
-        map: non-negative 1-, 2- or 3-D array-like.
+        map: finite 1-, 2- or 3-D array-like. offset: fit a constant background too.
     Returns:
         :class:`GaussianFit`, or None with a :class:`FitWarning` when the map cannot be
-        fitted (NaN/Inf, all zeros, too few non-zero points, a support one position wide on
-        some axis, optimiser failure). No scipy exception escapes.
+        fitted (NaN/Inf, all zeros or constant, too few non-zero points, a support one position
+        wide on some axis, optimiser failure, no peak). No scipy exception escapes.
     Raises:
-        TypeError / ValueError: map is not a 1-3-D array-like of reals, or has negative values.
+        TypeError / ValueError: map is not a 1-3-D array-like of reals; offset not a bool.
     """
+    if not isinstance(offset, bool):
+        raise TypeError(f"offset must be True or False, got {offset!r}")
     arr = _as_map(map)
     if not np.all(np.isfinite(arr)):
         _warn("map holds NaN or Inf")
         return None
-    if np.any(arr < 0):
-        raise ValueError(f"map must be non-negative (pass abs() of a signed map); min {arr.min():g}")
     d = arr.ndim
-    n_params = 1 + d + d * (d + 1) // 2
+    n_params = _n_core(d) + int(offset)
     nnz = int(np.count_nonzero(arr))
     if nnz == 0:
         _warn("map is all zeros")
@@ -318,22 +341,35 @@ def fit_gaussian(map: Any) -> GaussianFit | None:
             return None
     try:
         with np.errstate(all="ignore"):
-            return _fit(arr)
+            return _fit(arr, offset)
     except (ValueError, ArithmeticError, np.linalg.LinAlgError, RuntimeError) as exc:
         _warn(f"{type(exc).__name__}: {exc}")
         return None
 
 
-def _fit(arr: np.ndarray) -> GaussianFit | None:
+def _fit(arr: np.ndarray, offset: bool) -> GaussianFit | None:
     from scipy.optimize import least_squares
 
     d = arr.ndim
-    scale = float(arr.max())
-    y = arr / scale
-    mom = _moments(y)
+    # Work on y = sign (arr - b0) / scale: a peak of height about 1 on a background near 0.
+    plain = not offset and not np.any(arr < 0)  # the non-negative map without offset: as it always was
+    b0 = float(np.median(arr)) if offset else 0.0
+    y = arr - b0
+    sign = 1.0 if plain or y.max() >= -y.min() else -1.0
+    scale = float(np.abs(y).max())
+    if scale == 0:
+        _warn("map is constant: no peak")
+        return None
+    y = y * (sign / scale)
+    # Initial guess from the second moments of the peak: noise and background below 10 % of it
+    # would widen the moments (and the negative part has none).
+    weights = y if plain else np.clip(y - 0.1, 0.0, None)
+    mom = _moments(weights)
     cov0 = mom.cov + np.eye(d) / 12.0  # a pixel's own variance keeps it positive definite
     L0 = np.linalg.cholesky(np.linalg.inv(cov0))
     p0 = _pack(1.0, mom.center, L0)
+    if offset:
+        p0 = np.append(p0, 0.0)
     X, yv = _fit_points(y)
 
     def residual(p: np.ndarray) -> np.ndarray:
@@ -353,25 +389,27 @@ def _fit(arr: np.ndarray) -> GaussianFit | None:
     amp, mu, L = _unpack(p, d)
     cov = np.linalg.inv(L @ L.T)
     if not (np.all(np.isfinite(cov)) and amp > 0 and np.all(np.linalg.eigvalsh(cov) > 0)):
-        _warn("the optimum is not a finite positive Gaussian")
+        _warn("the optimum is not a finite Gaussian peak")
         return None
     major, minor, theta = _principal(cov)
     if major > _MAX_SIGMA_FACTOR * max(arr.shape) or not np.all(np.abs(mu) < 10 * max(arr.shape)):
         _warn(f"the fit diverged (sigma_major {major:.3g} px on a map of shape {arr.shape}): no peak")
         return None
 
-    # r2 on the whole map, in its own units
+    # goodness of fit on the whole map, in its own units
     Xall = np.indices(arr.shape).reshape(d, -1).T.astype(np.float64)
-    pred = _model(p, Xall)[0] * scale
+    pred = b0 + _model(p, Xall)[0] * (sign * scale)
     flat = arr.ravel()
     ss_tot = float(((flat - flat.mean()) ** 2).sum())
     ss_res = float(((flat - pred) ** 2).sum())
     r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else math.nan
+    rmse = math.sqrt(ss_res / flat.size)
 
     stderr = _stderr(res, p, d, theta, scale)
     return GaussianFit(center=mu.copy(), cov=cov, sigma=np.sqrt(np.diag(cov)), sigma_major=major,
-                       sigma_minor=minor, theta_deg=theta, amplitude=float(amp * scale), r2=r2,
-                       stderr=stderr, n_points=len(yv))
+                       sigma_minor=minor, theta_deg=theta, amplitude=float(sign * amp * scale), r2=r2,
+                       stderr=stderr, n_points=len(yv),
+                       offset=float(b0 + sign * scale * p[-1]) if offset else 0.0, rmse=rmse)
 
 
 def _stderr(res: Any, p: np.ndarray, d: int, theta: float | None, scale: float) -> dict[str, Any]:
@@ -401,7 +439,9 @@ def _stderr(res: Any, p: np.ndarray, d: int, theta: float | None, scale: float) 
         "cov": cov_se,
     }
     if d == 2:
-        out["theta_deg"] = float(se[-1])
+        out["theta_deg"] = float(se[3 + 2 * d + len(iu[0])])
+    if len(p) > _n_core(d):
+        out["offset"] = float(se[-1] * scale)
     return out
 
 

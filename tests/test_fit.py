@@ -158,6 +158,61 @@ def test_fit_is_fast_on_256_maps():
     assert angle_diff(fit.theta_deg, -40.0) < 1.0
 
 
+# ------------------------------------------------------------------ signed maps
+@pytest.mark.parametrize("offset", [False, True])
+def test_fit_signed_noisy_rotated_gaussian(offset):
+    """Issue 14: sigmas 6 and 2.5 at 30 degrees plus N(0, 0.01) noise (signed), within 2 % / 2 deg."""
+    rng = np.random.default_rng(14)
+    g, cov = rotated_gaussian((64, 64), (31.3, 32.6), 6.0, 2.5, 30.0)
+    noisy = g + rng.normal(0.0, 0.01, g.shape)
+    assert noisy.min() < -0.02  # really signed
+    fit = fit_gaussian(noisy, offset=offset)
+    assert fit is not None
+    assert fit.sigma_major == pytest.approx(6.0, rel=0.02)
+    assert fit.sigma_minor == pytest.approx(2.5, rel=0.02)
+    assert angle_diff(fit.theta_deg, 30.0) < 2.0
+    np.testing.assert_allclose(fit.center, [31.3, 32.6], atol=0.05)
+    assert fit.amplitude == pytest.approx(1.0, rel=0.02)
+    # goodness of fit: the residual is the noise
+    assert fit.rmse == pytest.approx(0.01, rel=0.05)
+    assert fit.r2 > 0.99
+    if offset:
+        assert abs(fit.offset) < 3 * fit.stderr["offset"] + 1e-4
+        assert 0 < fit.stderr["offset"] < 1e-3
+    else:
+        assert fit.offset == 0.0 and "offset" not in fit.stderr
+
+
+def test_fit_offset_recovers_background_and_trough():
+    rng = np.random.default_rng(3)
+    g, _ = rotated_gaussian((48, 56), (20.0, 30.0), 5.0, 3.0, -45.0, amp=2.0)
+    fit = fit_gaussian(g + 0.7 + rng.normal(0, 0.005, g.shape), offset=True)
+    assert fit.offset == pytest.approx(0.7, abs=2e-3)
+    assert fit.amplitude == pytest.approx(2.0, rel=0.01)
+    assert fit.sigma_major == pytest.approx(5.0, rel=0.01)
+    # without the offset the background is absorbed into a wider, worse fit
+    plain = fit_gaussian(g + 0.7)
+    assert plain.rmse > 10 * fit.rmse
+    # a signed map dominated by a trough: negative amplitude
+    trough = fit_gaussian(-g + rng.normal(0, 0.01, g.shape))
+    assert trough.amplitude == pytest.approx(-2.0, rel=0.01)
+    assert angle_diff(trough.theta_deg, -45.0) < 1.0
+    assert trough.to_dict()["offset"] == 0.0
+
+
+def test_fit_of_exact_gaussian_has_zero_residual():
+    g, cov = rotated_gaussian((40, 40), (19.5, 20.25), 4.0, 2.0, 60.0, amp=3.0)
+    for fit in (fit_gaussian(g), fit_gaussian(g, offset=True)):
+        np.testing.assert_allclose(fit.cov, cov, rtol=1e-7)
+        assert fit.rmse < 1e-8 and fit.r2 == pytest.approx(1.0, abs=1e-12)
+        assert abs(fit.offset) < 1e-9
+
+
+def test_fit_offset_must_be_bool():
+    with pytest.raises(TypeError, match="offset"):
+        fit_gaussian(multinomial_map(3), offset=1)
+
+
 @pytest.mark.parametrize(
     "bad",
     [
@@ -167,6 +222,7 @@ def test_fit_is_fast_on_256_maps():
         np.pad(np.ones((1, 1)), 4),  # a single point
         np.pad(np.ones((1, 9)), 4),  # one row: degenerate along the rows
         np.array([0.0, 1.0, 2.0, 0.0]),  # fewer non-zero points than a handful
+        -np.ones((4, 4)),  # constant: no peak
     ],
 )
 def test_fit_returns_none_with_warning(bad):
@@ -274,12 +330,17 @@ def test_area_ratio_3d_and_anisotropy():
         (np.ones((2, 2, 2, 2)), ValueError),
         (np.float64(3.0), ValueError),
         (np.zeros((0, 3)), ValueError),
-        (-np.ones((4, 4)), ValueError),
     ],
 )
 def test_bad_maps_raise_naming_map(func, bad, exc):
     with pytest.raises(exc, match="map"):
         func(bad)
+
+
+@pytest.mark.parametrize("func", [moments, metrics])
+def test_moments_and_metrics_keep_requiring_non_negative_maps(func):
+    with pytest.raises(ValueError, match="map must be non-negative"):
+        func(-np.ones((4, 4)))
 
 
 def test_moments_and_metrics_reject_nan_and_zero():
