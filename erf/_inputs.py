@@ -1,8 +1,8 @@
 """Where the inputs of a run come from.
 
 ``"gaussian"`` N(0, 1) and ``"uniform"`` U(0, 1) inputs are generated in blocks of 32 keyed
-by ``(seed, draw, block)``, ``"images:DIR"`` reads image files (resized to the input shape,
-ImageNet normalisation), a Tensor ``(N, *input_shape)`` is used whole, and any re-iterable
+by ``(seed, draw, block)``, ``"images:DIR|LIST.txt|GLOB"`` reads the first ``n_inputs`` readable
+image files (:mod:`erf._images`: order, preprocessing, unreadable files), a Tensor ``(N, *input_shape)`` is used whole, and any re-iterable
 of batches (a DataLoader; ``(x, y)`` pairs accepted) is streamed.
 """
 from __future__ import annotations
@@ -14,9 +14,7 @@ import torch
 
 from erf._rng import BLOCK, generator
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from erf._images import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, ImageInputs  # noqa: F401 - re-exported
 
 
 class InputSource:
@@ -77,40 +75,6 @@ class TensorInputs(InputSource):
         return f"tensor{tuple(self.x.shape)}"
 
 
-class ImageInputs(InputSource):
-    """Image files of a folder, resized (bilinear) to the input shape, ImageNet-normalised."""
-
-    def __init__(self, folder: str, shape: tuple[int, ...]):
-        if len(shape) != 3 or shape[0] not in (1, 3):
-            raise ValueError(f"inputs='images:DIR' needs input_shape (1 or 3, H, W), got {shape}")
-        if not os.path.isdir(folder):
-            raise ValueError(f"inputs: image folder {folder!r} does not exist")
-        self.files = sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                            if f.lower().endswith(IMAGE_SUFFIXES))
-        if not self.files:
-            raise ValueError(f"inputs: no image files ({', '.join(IMAGE_SUFFIXES)}) in {folder!r}")
-        self.folder, self.shape, self.n = folder, shape, len(self.files)
-
-    def _load(self, path: str) -> torch.Tensor:
-        from PIL import Image
-        import numpy as np
-
-        c, h, w = self.shape
-        with Image.open(path) as im:
-            im = im.convert("RGB" if c == 3 else "L").resize((w, h), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.float32) / 255.0
-        t = torch.from_numpy(arr.copy())
-        t = t.permute(2, 0, 1) if c == 3 else t[None]
-        mean = torch.tensor(IMAGENET_MEAN if c == 3 else (sum(IMAGENET_MEAN) / 3,)).view(-1, 1, 1)
-        std = torch.tensor(IMAGENET_STD if c == 3 else (sum(IMAGENET_STD) / 3,)).view(-1, 1, 1)
-        return (t - mean) / std
-
-    def get(self, draw: int, start: int, stop: int) -> torch.Tensor:
-        return torch.stack([self._load(p) for p in self.files[start:stop]])
-
-    def describe(self) -> str:
-        return f"images:{self.folder}"
-
 
 class IterableInputs:
     """A re-iterable of batches (``x`` or ``(x, y)``), streamed once per draw."""
@@ -137,13 +101,19 @@ class IterableInputs:
         return type(self.iterable).__name__
 
 
-def make_source(inputs: Any, n_inputs: int, shape: tuple[int, ...], seed: int, draws: int):
-    """Validate ``inputs`` and return an input source (see module docstring)."""
+def make_source(inputs: Any, n_inputs: int, shape: tuple[int, ...], seed: int, draws: int,
+                preprocess: Any = None):
+    """Validate ``inputs`` and return an input source (see module docstring).
+
+    ``preprocess`` (images only): see :func:`erf._images.resolve_preprocess`.
+    """
+    if preprocess is not None and not (isinstance(inputs, str) and inputs.startswith("images:")):
+        raise ValueError("preprocess applies to inputs='images:...' only; pass images or drop preprocess")
     if isinstance(inputs, str):
         if inputs in ("gaussian", "uniform"):
             return GeneratedInputs(inputs, n_inputs, shape, seed)
         if inputs.startswith("images:"):
-            return ImageInputs(inputs[len("images:"):], shape)
+            return ImageInputs(inputs[len("images:"):], shape, n_inputs, preprocess)
         raise ValueError(f"inputs must be 'gaussian', 'uniform', 'images:DIR', a Tensor or an iterable "
                          f"of batches, got {inputs!r}")
     if isinstance(inputs, torch.Tensor):

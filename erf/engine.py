@@ -39,7 +39,7 @@ from erf._vmap import plan_stacking
 from erf._validate import (check_choice, check_conv_rank, check_input_shape, check_int, check_positive_float,
                            model_accepts, resolve_layer)
 
-REDUCES = ("mean", "abs", "square", "relu")
+REDUCES = ("mean", "abs", "square", "relu", "relu_of_mean")
 METHODS = ("gradient", "guided_backprop", "deconvolution", "integrated_gradients")
 NONFINITE = ("raise", "skip")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -242,6 +242,8 @@ def _reduce_fn(reduce: str) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda g: g.abs().sum(1)
     if reduce == "square":
         return lambda g: (g * g).sum(1)
+    if reduce == "relu_of_mean":  # OpenERF: max(mean_c g, 0)
+        return lambda g: torch.relu(g.mean(1))
     return lambda g: torch.relu(g).sum(1)
 
 
@@ -304,7 +306,8 @@ class _Run:
     def __init__(self, model, input_shape, *, layer, select, grid, unit, channel, unit_relu, inputs, n_inputs,
                  draws, first_draw, init, reduce, method, batch_size, device, dtype, seed, progress,
                  train_mode, nonfinite, crop, checkpoint, checkpoint_every, resume, until_stderr,
-                 vmap_draws=None, distributed=False, dist_timeout=_dist.DEFAULT_TIMEOUT, fold_bn=True):
+                 vmap_draws=None, distributed=False, dist_timeout=_dist.DEFAULT_TIMEOUT, fold_bn=True,
+                 preprocess=None):
         if not isinstance(model, nn.Module) and not callable(model):
             raise TypeError(f"model must be an nn.Module or a zero-argument factory returning one, "
                             f"got {type(model).__name__}")
@@ -344,7 +347,7 @@ class _Run:
         if resume and self.checkpoint is None:
             raise ValueError("resume=True needs checkpoint=PATH")
         self.maker = DrawMaker(model, init, self.seed, self.draws)
-        self.source = make_source(inputs, self.n_inputs, self.input_shape, self.seed, self.draws)
+        self.source = make_source(inputs, self.n_inputs, self.input_shape, self.seed, self.draws, preprocess)
         self.inputs_desc = inputs if isinstance(inputs, str) else self.source.describe()
         self.dist = _dist.from_options(distributed, dist_timeout, self.device, source=self.source,
                                        until_stderr=self.until_stderr)  # joins the process group
@@ -668,6 +671,20 @@ class _Run:
                 st.update(m, window=window)
 
 
+def _protocol_options(fn: Callable) -> Callable:
+    """``protocol=NAME`` fills the options the published method fixes (those not given explicitly), and
+    ``preprocess="timm"`` reads the model's timm data config: :func:`erf.protocols.resolve_options`."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(model, input_shape, **options):
+        from erf.protocols import resolve_options
+
+        return fn(model, input_shape, **resolve_options(model, input_shape, options))
+    return wrapper
+
+
+@_protocol_options
 def effective_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequence[int], *,
                  layer: Any = None, select: Callable[[Any], Any] | None = None,
                  grid: Sequence[int] | None = None, unit: Sequence[int] | None = None,
@@ -680,11 +697,13 @@ def effective_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequen
                  resume: bool = False, until_stderr: float | None = None,
                  vmap_draws: bool | None = None, distributed: bool = False,
                  dist_timeout: float = _dist.DEFAULT_TIMEOUT,
-                 fold_bn: bool = True) -> ERFResult | dict[str, ERFResult]:
+                 fold_bn: bool = True, protocol: str | None = None,
+                 preprocess: dict | str | None = None) -> ERFResult | dict[str, ERFResult]:
     """Effective receptive field of one unit, averaged over inputs and weight draws (Luo et al. 2016).
 
     ``map = E_{draws, inputs}[ reduce(d unit / d x) ]`` with ``reduce`` one of ``mean`` (sum_c g),
-    ``abs`` (sum_c |g|), ``square`` (sum_c g^2, the variance map of the theory), ``relu``.
+    ``abs`` (sum_c |g|), ``square`` (sum_c g^2, the variance map of the theory), ``relu``
+    (sum_c max(g, 0), RepLKNet's), ``relu_of_mean`` (max(mean_c g, 0), OpenERF's).
 
     Args:
         model: an ``nn.Module`` (never modified: the engine works on a deep copy) or a factory.
@@ -693,7 +712,14 @@ def effective_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequen
         unit: spatial index in that output (default: centre ``n // 2``; negative counts from the end).
         channel / unit_relu / select / grid: which value of the output is the unit (see SPEC).
         inputs, n_inputs, draws, first_draw, init, seed: what is averaged over; every random stream is
-            keyed by ``(seed, draw, block of 32 inputs)``.
+            keyed by ``(seed, draw, block of 32 inputs)``. ``inputs="images:DIR|LIST.txt|GLOB"`` reads
+            the first ``n_inputs`` readable images (:mod:`erf._images`).
+        preprocess: images only: ``None`` (shorter side + centre crop, bilinear, ImageNet mean/std),
+            a dict of ``resize`` (``crop``/``squash``), ``interpolation``, ``crop_pct``, ``mean``, ``std``,
+            ``exif``, ``strict``, or ``"timm"`` (the model's timm data config).
+        protocol: ``"replknet"``, ``"openerf"`` or ``"luo2016"``: every option the published method fixes
+            (:mod:`erf.protocols`); options given explicitly override it and are recorded in
+            ``config["protocol"]``.
         nonfinite: ``"raise"`` (default) or ``"skip"`` (skip and count samples with NaN/Inf maps).
         checkpoint, checkpoint_every, resume: save the running sums atomically every N batches; resume.
         until_stderr: stop early once the relative standard error of the centre region is below this.
@@ -716,7 +742,7 @@ def effective_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequen
                seed=seed, progress=progress, train_mode=train_mode, nonfinite=nonfinite, crop=crop,
                checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
                until_stderr=until_stderr, vmap_draws=vmap_draws, distributed=distributed,
-               dist_timeout=dist_timeout, fold_bn=fold_bn)
+               dist_timeout=dist_timeout, fold_bn=fold_bn, preprocess=preprocess)
     run.setup()
     base = {
         "input_shape": list(run.input_shape), "inputs": run.inputs_desc,
@@ -730,6 +756,7 @@ def effective_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequen
         "model": type(run.model0).__name__ if not run.maker.is_factory else _jsonable(model),
         "model_hash": run.model_hash,
         "layers": run.paths, "units": [list(t.unit) for t in run.targets],
+        "protocol": protocol, "preprocess": _jsonable(getattr(run.source, "options", None)),
     }
     t0 = time.perf_counter()
     stats = run.run(base)
@@ -741,6 +768,9 @@ def effective_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequen
             "crop": None if run.crop_plan is None else [[w.start, w.stop] for w in run.crop_plan.window],
             "vmap_draws": run.stacker is not None, "folded_batchnorms": len(run.fold_plan),
             "channels_last": bool(run.channels_last)}
+    from erf.protocols import provenance  # inputs, preprocessing, protocol, versions (one dict, key "provenance")
+
+    meta["provenance"] = provenance(run.source, protocol, run.maker.model if not run.maker.is_factory else None)
     if run.dist is not None:
         meta["world_size"] = run.dist.world_size
     if meta["skipped"]:
