@@ -247,6 +247,17 @@ def _reduce_fn(reduce: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda g: torch.relu(g).sum(1)
 
 
+def _clone_tensors(out: Any) -> Any:
+    """``out`` with its tensors cloned (a tensor, or a tuple/list/dict of them)."""
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if isinstance(out, (tuple, list)):
+        return type(out)(_clone_tensors(o) for o in out) if type(out) in (tuple, list) else out
+    if isinstance(out, dict):
+        return {k: _clone_tensors(v) for k, v in out.items()}
+    return out
+
+
 def _resolve_device(device: Any) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -448,6 +459,9 @@ class _Run:
                 outs[path] = out
                 if stop and len(outs) == len(wanted) and "" not in self.paths:
                     raise _StopForward
+                # the forward goes on: later in-place ops (ResNet's ``out += identity``, inplace ReLU)
+                # must not change the value read here (clone is differentiable)
+                outs[path] = _clone_tensors(out)
             return hook
 
         for p in wanted:

@@ -174,7 +174,10 @@ def _check_unit(unit, sizes: Sequence[int]) -> tuple[int, ...]:
 
 
 def _build(model: nn.Module, input_shape: tuple) -> G.Graph:
-    x = torch.rand((1,) + input_shape)
+    # the probe has the model's floating dtype: a float64 model with biases refuses float32 inputs
+    dtype = next((t.dtype for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()),
+                 torch.float32)
+    x = torch.rand((1,) + input_shape, dtype=dtype)
     try:
         graph = G.build_fx(model, x)
     except Exception as exc:  # tracing fails on data-dependent Python control flow
