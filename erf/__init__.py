@@ -28,6 +28,7 @@ _LAZY = {
     "compare": "erf.compare",
     "Comparison": "erf.compare",
     "diff": "erf.compare",
+    "load_weights": "erf.weights",
 }
 _SUBMODULES = {"theory", "pooling", "nets", "fit", "trf", "engine", "plot", "cli", "compare"}
 

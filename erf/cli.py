@@ -134,14 +134,12 @@ def _model_for(args, spec, input_shape):
     from erf.compare import kaiming_init
 
     init = args.init or "default"
-    if args.weights:
-        if not os.path.isfile(args.weights):
-            raise ValueError(f"weights file {args.weights!r} does not exist")
+    if spec.weights:  # --weights PATH or MODEL@PATH (erf.models.parse_model)
         if init != "default" or args.draws not in (None, 1):
             raise ValueError("--weights uses the given weights as they are: leave --init at default and --draws at 1")
-        from erf.models import load_weights
-
-        return load_weights(spec.build(input_shape[0]), args.weights), "default"
+        model = spec.build(input_shape[0])
+        print(f"erf {args.command}: weights: {model.erf_weights}", file=sys.stderr)
+        return model, "default"
     factory = spec.factory(input_shape[0])
     if init == "kaiming":
         base = factory
@@ -209,7 +207,7 @@ def cmd_map(args) -> Outcome:
     from erf.plot import map_figure
 
     kw = _engine_kwargs(args)  # option errors before any work
-    spec = parse_model(args.model)
+    spec = parse_model(args.model, weights=args.weights)
     shape = _input_shape(args, spec)
     model, init = _model_for(args, spec, shape)
     t0 = time.perf_counter()
@@ -217,6 +215,8 @@ def cmd_map(args) -> Outcome:
     seconds = time.perf_counter() - t0
     summary = _result_summary(result)
     summary.update({"model": spec.spec, "seconds": round(seconds, 3)})
+    if result.meta.get("weights"):
+        summary["weights"] = result.meta["weights"]
     name = f"map_{spec.slug}"
     files = [(_out_path(args, name, "npz"), result.save)]
     if result.ndim_spatial == 2:
@@ -227,7 +227,10 @@ def cmd_map(args) -> Outcome:
         fig = new_figure(6, 4.5)
         plot_result(result, ax=fig.subplots())
         files.insert(0, (_out_path(args, name), _figure_writer(fig)))
-    rows = [{"quantity": k, "value": v} for k, v in summary.items() if k not in ("config",)]
+    rows = [{"quantity": k, "value": v} for k, v in summary.items() if k not in ("config", "weights")]
+    if "weights" in summary:
+        w = summary["weights"]
+        rows.append({"quantity": "weights", "value": f"{os.path.basename(w['path'])} (sha256 {w['sha256'][:16]})"})
     return Outcome(summary, _markdown(rows, ["quantity", "value"]), files)
 
 
@@ -290,13 +293,9 @@ def cmd_trf(args) -> Outcome:
     from erf.models import parse_model, parse_unit
     from erf.trf import theoretical_rf
 
-    spec = parse_model(args.model)
+    spec = parse_model(args.model, weights=args.weights)
     shape = _input_shape(args, spec)
     model = spec.build(shape[0])
-    if args.weights:
-        from erf.models import load_weights
-
-        load_weights(model, args.weights)
     unit = parse_unit(args.unit) if args.unit is not None else None
     rep = theoretical_rf(model, shape, layer=args.layer, unit=unit)
     summary = {"model": spec.spec, "input_shape": list(shape), "size": rep.size, "jump": rep.jump,
@@ -484,7 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     u = unit.add_argument_group("unit")
     u.add_argument("--layer", help="module path holding the unit, e.g. layer3 (default: model output)")
     u.add_argument("--unit", metavar="R,C", help="spatial index of the unit, e.g. 8,8 (default: centre)")
-    u.add_argument("--weights", metavar="PATH", help="state dict for the model (torch.load weights_only=True)")
+    u.add_argument("--weights", metavar="PATH", help="weights file: .pt/.pth/.bin (torch.load weights_only=True) or "
+                   ".safetensors; training checkpoints are unwrapped (state_dict, model(_ema), params(_ema), "
+                   "module. prefix); also MODEL@PATH")
 
     fmt = argparse.RawDescriptionHelpFormatter
     m = sub.add_parser("map", parents=[run, unit, out], help="ERF heatmap of one unit: figure + .npz + summary",
@@ -563,7 +564,8 @@ def _one_line(exc: BaseException) -> str:
 _OPTION_OF = {"input_shape": "--input-shape", "n_inputs": "--n-inputs", "batch_size": "--batch-size",
               "until_stderr": "--until-stderr", "checkpoint_every": "--checkpoint-every", "unit": "--unit",
               "channel": "--channel", "layer": "--layer", "inputs": "--inputs", "device": "--device",
-              "draws": "--draws", "checkpoint": "--checkpoint", "reduce": "--reduce", "method": "--method"}
+              "draws": "--draws", "checkpoint": "--checkpoint", "reduce": "--reduce", "method": "--method",
+              "weights": "--weights"}
 
 
 def _cli_message(text: str) -> str:

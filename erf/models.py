@@ -11,6 +11,7 @@ raises ``ValueError`` with one line saying what is wrong.
 - ``torchvision:NAME`` (random weights, ``torchvision.models.get_model(NAME, weights=None)``).
 - ``timm:NAME`` (``timm.create_model(NAME, pretrained=False)``; needs the ``timm`` extra).
 - ``FILE.py:FACTORY`` and ``package.module:FACTORY``: a callable returning an ``nn.Module``.
+- ``SPEC@WEIGHTS``: any of these with a weights file loaded (:mod:`erf.weights`).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from typing import Callable
 
 from torch import nn
 
-__all__ = ["ModelSpec", "parse_model", "load_weights", "parse_input_shape", "parse_unit"]
+__all__ = ["ModelSpec", "parse_model", "with_weights", "load_weights", "parse_input_shape", "parse_unit"]
 
 
 @dataclass(frozen=True)
@@ -35,13 +36,16 @@ class ModelSpec:
     Attributes:
         spec: the text given. kind: pool / stack / torchvision / timm / file / module.
         default_input_shape: a shape that suits the model when the user gives none.
-        build: ``build(in_channels) -> nn.Module`` (a fresh model, default initialisation).
+        build: ``build(in_channels) -> nn.Module`` (a fresh model: default initialisation, or the
+            weights file of ``SPEC@WEIGHTS`` loaded).
+        weights: the weights file of ``SPEC@WEIGHTS`` (``None``: random weights).
     """
 
     spec: str
     kind: str
     default_input_shape: tuple[int, ...]
     build: Callable[[int], nn.Module]
+    weights: str | None = None
 
     def factory(self, in_channels: int) -> Callable[[], nn.Module]:
         """A zero-argument factory for :func:`erf.effective_rf` (named after the spec)."""
@@ -55,8 +59,14 @@ class ModelSpec:
 
     @property
     def slug(self) -> str:
-        """The spec as a file-name part: ``pool:max`` -> ``pool-max``."""
-        return re.sub(r"[^A-Za-z0-9_.-]+", "-", self.spec.replace(".py:", ":")).strip("-")[:80] or "model"
+        """The spec as a file-name part: ``pool:max`` -> ``pool-max``; ``timm:resnet18@run/ep10.pth`` ->
+        ``timm-resnet18@ep10``."""
+        base = self.spec.split("@", 1)[0] if self.weights else self.spec
+        text = re.sub(r"[^A-Za-z0-9_.-]+", "-", base.replace(".py:", ":")).strip("-")[:80] or "model"
+        if self.weights:
+            stem = os.path.basename(self.weights).split(".", 1)[0]
+            text += "@" + (re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-")[:40] or "weights")
+        return text
 
 
 def parse_input_shape(text: str) -> tuple[int, ...]:
@@ -191,12 +201,46 @@ def _module(modname: str, attr: str, spec: str) -> ModelSpec:
 _HELP = ("pool:NAME, stack:N[:ACT], torchvision:NAME, timm:NAME, FILE.py:FACTORY or package.module:FACTORY")
 
 
-def parse_model(spec: str) -> ModelSpec:
+def with_weights(spec: ModelSpec, weights: str | os.PathLike, *, arg: str = "weights") -> ModelSpec:
+    """``spec`` whose models load ``weights`` (read and unwrapped once, :func:`erf.weights.read_state_dict`;
+    each build loads them strictly and carries the report as ``model.erf_weights``)."""
+    import copy
+
+    from erf.weights import _timm_converters, apply_state_dict, read_state_dict
+
+    state, report = read_state_dict(weights, arg=arg)
+    build = spec.build
+
+    def build_loaded(c: int) -> nn.Module:
+        model = build(c)
+        apply_state_dict(model, state, copy.deepcopy(report), arg=arg, alternatives=_timm_converters(model))
+        return model
+
+    return ModelSpec(f"{spec.spec}@{os.fspath(weights)}", spec.kind, spec.default_input_shape, build_loaded,
+                     weights=os.fspath(weights))
+
+
+def parse_model(spec: str, weights: str | os.PathLike | None = None) -> ModelSpec:
     """Validate a model spec and return its :class:`ModelSpec` (see the module docstring).
 
+    ``SPEC@WEIGHTS`` (or ``weights=``) loads a weights file into every model the spec builds
+    (:func:`erf.weights.load_weights`: ``.pt/.pth/.bin`` or ``.safetensors``, training-checkpoint
+    wrappers unwrapped). timm and torchvision models are never downloaded.
+
     Raises:
-        ValueError: an unknown prefix, pooling module, torchvision/timm name, file or factory.
+        ValueError: an unknown prefix, pooling module, torchvision/timm name, file or factory; a
+            missing or unreadable weights file.
     """
+    if isinstance(spec, str) and "@" in spec:
+        base, _, path = spec.partition("@")
+        if not path:
+            raise ValueError(f"model spec {spec!r} names no weights file after '@' (SPEC@WEIGHTS)")
+        if weights is not None:
+            raise ValueError(f"model spec {spec!r} names a weights file and --weights/weights= gives another; "
+                             "give one")
+        return with_weights(parse_model(base), path, arg=f"{base}@WEIGHTS")
+    if weights is not None:
+        return with_weights(parse_model(spec), weights)
     if not isinstance(spec, str) or ":" not in spec:
         raise ValueError(f"unknown model spec {spec!r}; expected {_HELP}")
     prefix, _, rest = spec.partition(":")
@@ -218,44 +262,9 @@ def parse_model(spec: str) -> ModelSpec:
     raise ValueError(f"unknown model spec {spec!r}; expected {_HELP}")
 
 
-def load_weights(model: nn.Module, path: str) -> nn.Module:
-    """Load a state dict saved with ``torch.save(model.state_dict(), path)`` into ``model``.
+def load_weights(model: nn.Module, path: str, *, key: str | None = None):
+    """Load a weights file into ``model`` (see :func:`erf.weights.load_weights`); returns the
+    :class:`erf.weights.WeightsReport` (also kept as ``model.erf_weights``)."""
+    from erf.weights import load_weights as _load
 
-    ``torch.load(path, weights_only=True)``: a pickle that would run code is refused. A dict with a
-    ``"state_dict"`` or ``"model"`` entry (common training checkpoints) is unwrapped.
-
-    Raises:
-        ValueError: missing file, a file that is not a plain state dict, or one for another model.
-    """
-    import torch
-
-    if not os.path.isfile(path):
-        raise ValueError(f"weights file {path!r} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError(f"weights file {path!r} is not a plain state dict: torch.load(weights_only=True) refused "
-                         "it because loading it would run code") from None
-    except Exception as exc:  # not a torch file at all
-        raise ValueError(f"weights file {path!r} cannot be read as a state dict ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-    if isinstance(state, dict):
-        for key in ("state_dict", "model"):
-            if key in state and isinstance(state[key], dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-        raise ValueError(f"weights file {path!r} holds a {type(state).__name__}, not a state dict")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        own = set(model.state_dict())
-        missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
-        if missing or unexpected:
-            detail = (f"{len(missing)} missing keys (e.g. {missing[:2]}), "
-                      f"{len(unexpected)} unexpected keys (e.g. {unexpected[:2]})")
-        else:
-            detail = "tensor shapes differ: " + next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln),
-                                                     "size mismatch")
-        raise ValueError(f"weights file {path!r} is a state dict for another model: {detail}") from None
-    return model
+    return _load(model, path, key=key)
