@@ -215,8 +215,8 @@ def cmd_map(args) -> Outcome:
     seconds = time.perf_counter() - t0
     summary = _result_summary(result)
     summary.update({"model": spec.spec, "seconds": round(seconds, 3)})
-    if result.meta.get("weights"):
-        summary["weights"] = result.meta["weights"]
+    if (result.meta.get("provenance") or {}).get("weights"):
+        summary["weights"] = result.meta["provenance"]["weights"]
     name = f"map_{spec.slug}"
     files = [(_out_path(args, name, "npz"), result.save)]
     if result.ndim_spatial == 2:

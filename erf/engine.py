@@ -787,11 +787,9 @@ def effective_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequen
     meta["provenance"] = provenance(run.source, protocol, run.maker.model if not run.maker.is_factory else None)
     if run.dist is not None:
         meta["world_size"] = run.dist.world_size
-    from erf.weights import weights_meta  # path + sha256 of a loaded weights file (erf.load_weights)
+    from erf.weights import weights_meta  # file + sha256 of loaded weights, None when re-drawn (warns)
 
-    weights = weights_meta(run.model0, describe_init(init), run.draws, run.maker.is_factory)
-    if weights is not None:
-        meta["weights"] = weights
+    meta["provenance"]["weights"] = weights_meta(run.model0, describe_init(init), run.draws, run.maker.is_factory)
     if meta["skipped"]:
         warnings.warn(f"{int(meta['skipped'])} samples with non-finite gradients were skipped", stacklevel=2)
     analysis_model = run.model0.float() if run.dtype == torch.float64 else run.model0

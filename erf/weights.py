@@ -58,8 +58,12 @@ class WeightsReport:
     dropped: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict (for a result's ``meta["weights"]``)."""
-        return asdict(self)
+        """JSON-able dict (a result's ``meta["provenance"]["weights"]``): ``file`` (= path), ``sha256``,
+        ``bytes`` and the other fields."""
+        out = asdict(self)
+        out["file"] = self.path
+        out["bytes"] = os.path.getsize(self.path) if os.path.isfile(self.path) else None
+        return out
 
     def __str__(self) -> str:
         where = "[" + "][".join(repr(k) for k in self.unwrapped) + "]" if self.unwrapped else "a bare state dict"
@@ -263,7 +267,7 @@ def mismatch_message(state: Mapping, model: nn.Module, limit: int = 4) -> str | 
 def apply_state_dict(model: nn.Module, state: dict, report: WeightsReport, *, arg: str = "path",
                      alternatives: Sequence[tuple[str, Any]] = ()) -> WeightsReport:
     """Load ``state`` into ``model`` strictly (after an optional shared-prefix strip); record the report
-    on the model (``model.erf_weights``, read by :func:`erf.effective_rf` into ``meta["weights"]``).
+    on the model (``model.erf_weights``, read by :func:`erf.effective_rf` into ``meta["provenance"]["weights"]``).
 
     ``alternatives``: ``(description, convert(state, model) -> state)`` tried in turn when the keys do
     not match as they are (e.g. timm's ``checkpoint_filter_fn``).
@@ -297,6 +301,7 @@ def apply_state_dict(model: nn.Module, state: dict, report: WeightsReport, *, ar
                          f"{' '.join(str(exc).split())[:400]}") from None
     report.n_tensors = len(state)
     model.erf_weights = report
+    model._erf_weights = report.to_dict()  # what erf.protocols.provenance reads
     return report
 
 
@@ -308,7 +313,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, key: str | None =
     ``state_dict_ema``, ``params``, ``params_ema`` (nested too; EMA weights preferred, ``key`` picks
     another), strips ``module.`` and ``_orig_mod.`` prefixes, and loads strictly. The report (path,
     sha256, what was unwrapped and stripped) is returned and kept as ``model.erf_weights``, so
-    :func:`erf.effective_rf` records it in ``result.meta["weights"]``.
+    :func:`erf.effective_rf` records it in ``result.meta["provenance"]["weights"]``.
 
     For a timm model whose keys do not match as they are (an original, non-timm checkpoint), timm's
     own ``checkpoint_filter_fn`` of that architecture is tried, as ``timm.create_model(...,
@@ -346,7 +351,7 @@ def _timm_converters(model: nn.Module) -> list[tuple[str, Any]]:
 
 
 def weights_meta(model: nn.Module, init: Any, draws: int, is_factory: bool) -> dict[str, Any] | None:
-    """``meta["weights"]`` of a run: the :class:`WeightsReport` of the weights the run used, if any.
+    """``meta["provenance"]["weights"]`` of a run: the :class:`WeightsReport` of the weights it used, if any.
 
     A model whose loaded weights the run re-draws (``init`` other than ``"default"``, or several
     draws of a module) gets a warning instead: the result does not describe that file.

@@ -206,14 +206,15 @@ def test_result_records_path_and_sha256_of_the_weights(tmp_path):
     model = conv_stack(3, in_channels=1)
     erf.load_weights(model, path)
     r = erf.effective_rf(model, (1, 16, 16), n_inputs=2, progress=False)
-    w = r.meta["weights"]
+    w = r.meta["provenance"]["weights"]
     assert w["sha256"] == _sha(path) and w["path"] == str(path.resolve()) and w["unwrapped"] == ["state_dict_ema"]
-    assert erf.load(r.save(tmp_path / "r.npz")).meta["weights"] == w
+    assert w["file"] == str(path.resolve()) and w["bytes"] == path.stat().st_size
+    assert erf.load(r.save(tmp_path / "r.npz")).meta["provenance"]["weights"] == w
     with pytest.warns(UserWarning, match="re-drawn by init='ones'"):
         r = erf.effective_rf(model, (1, 16, 16), n_inputs=1, init="ones", progress=False)
-    assert "weights" not in r.meta
-    assert "weights" not in erf.effective_rf(conv_stack(3, in_channels=1), (1, 16, 16), n_inputs=1,
-                                             progress=False).meta
+    assert r.meta["provenance"]["weights"] is None
+    assert erf.effective_rf(conv_stack(3, in_channels=1), (1, 16, 16), n_inputs=1,
+                            progress=False).meta["provenance"]["weights"] is None
 
 
 def test_spec_at_weights(tmp_path):
@@ -254,7 +255,7 @@ def test_cli_weights_unwraps_reports_and_records(tmp_path, capsys):
     assert s["sigma_moments"] == pytest.approx([np.sqrt(2.0)] * 2, rel=1e-6)  # the all-ones weights
     assert "weights: 3 tensors" in err and "stripped prefix '_orig_mod.'" in err
     r = erf.load(os.path.join(tmp_path, "map_stack-3@ones.npz"))
-    assert r.meta["weights"]["sha256"] == _sha(path)
+    assert r.meta["provenance"]["weights"]["sha256"] == _sha(path)
     for argv, message in ((["--weights", str(tmp_path / "nope.pt")], "--weights: weights file"),
                           (["--weights", str(path), "--init", "ones"], "--weights uses the given weights"),
                           (["--weights", str(tmp_path)], "--weights: .* is not a file")):
