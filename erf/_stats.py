@@ -344,6 +344,30 @@ class ClusterStats:
             between = np.maximum((msb - msw) / n0, 0.0)
         return {"within": within, "between": between, "draws": D, "n": self.n}
 
+    def normalized_stderr(self, window: tuple[slice, ...] | None = None) -> np.ndarray:
+        """Clustered standard error of the shape ``r = m / T``, ``T = sum |m|`` over ``window``.
+
+        Delta method per draw (the ratio estimator of survey sampling): with T_d = sum sign(m)
+        xbar_d, the draw's residual is u_d = (xbar_d - r T_d) / T, and Var(r) = D / (D - 1)
+        sum_d (n_d / N)^2 u_d^2, so the uncertainty of the total is included. With one draw:
+        stderr / T (the total's own uncertainty neglected). Positions outside ``window`` are 0.
+        """
+        win = window if window is not None else (slice(None),) * self.within_ss.ndim
+        m = self.mean[win]
+        T = float(np.abs(m).sum())
+        if T == 0:
+            return np.full_like(m, np.nan)
+        if self.draws < 2:
+            return self.stderr[win] / T
+        r = m / T
+        means = self.draw_mean[(slice(None),) + win]
+        sgn = np.sign(m)
+        Td = (means * sgn).reshape(len(means), -1).sum(1)
+        u = (means - r * Td.reshape((-1,) + (1,) * m.ndim)) / T
+        N, D = float(self.draw_n.sum()), self.draws
+        var = np.tensordot((self.draw_n / N) ** 2, u * u, axes=1) * (D / (D - 1))
+        return np.sqrt(np.maximum(var, 0.0))
+
     def merge(self, other: "ClusterStats") -> "ClusterStats":
         """Both sets of draws (draws present in both are combined by Chan's formula)."""
         idx = np.union1d(self.draw_index, other.draw_index)
@@ -379,6 +403,16 @@ class ClusterStats:
 
 
 # ------------------------------------------------------------------- comparing two mean maps
+def t_to_z(t: np.ndarray, df: Any) -> np.ndarray:
+    """The normal quantile with the same tail probability as Student's t: ``sign(t) Phi^-1(F_t(|t|; df))``
+    (computed in log space, finite far into the tails)."""
+    from scipy import special, stats
+
+    t = np.asarray(t, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return -special.ndtri_exp(stats.t.logsf(np.abs(t), df)) * np.sign(t)
+
+
 def welch_z(d: np.ndarray, se_a: np.ndarray, df_a: float, se_b: np.ndarray,
             df_b: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """z-equivalents of ``t = d / sqrt(se_a^2 + se_b^2)`` under Student's t with the
@@ -388,8 +422,6 @@ def welch_z(d: np.ndarray, se_a: np.ndarray, df_a: float, se_b: np.ndarray,
     means p < 0.27 % even with few draws (a t with 3 df has |t| > 3 about 6 % of the time).
     Returns ``(z, se, df)``; z is 0 where d = 0 and se = 0, +-inf where only se = 0.
     """
-    from scipy import special, stats
-
     va, vb = se_a ** 2, se_b ** 2
     v = va + vb
     se = np.sqrt(v)
@@ -398,7 +430,7 @@ def welch_z(d: np.ndarray, se_a: np.ndarray, df_a: float, se_b: np.ndarray,
                       + np.where(df_b > 0, vb * vb / max(df_b, 1e-300), 0.0))
         df = np.where(np.isfinite(df) & (df > 0), df, max(df_a, df_b, 1.0))
         t = np.where(se > 0, d / np.where(se > 0, se, 1.0), 0.0)
-        z = -special.ndtri_exp(stats.t.logsf(np.abs(t), df)) * np.sign(t)
+    z = t_to_z(t, df)
     z = np.where(se > 0, z, np.where(d > 0, np.inf, np.where(d < 0, -np.inf, 0.0)))
     return z, se, df
 

@@ -317,6 +317,7 @@ def cmd_theory(args) -> Outcome:
     import torch
 
     from erf import theory
+    from erf._stats import t_to_z
     from erf.engine import effective_rf
     from erf.nets import conv_stack
     from erf.plot import theory_figure
@@ -341,11 +342,12 @@ def cmd_theory(args) -> Outcome:
     for name, res in (("uniform weights, reduce=mean", uni), ("random N(0,1/fan_in), reduce=square", rnd)):
         m = res.map[win]
         total = float(m.sum())
-        meas, se = m / total, res.stderr[win] / total
+        # clustered error of the shape m / total, the total's uncertainty included (erf._stats)
+        meas, se = m / total, res.shape_stderr(win) if hasattr(res, "shape_stderr") else res.stderr[win] / total
         th = expected / expected.sum()
         resid = meas - th
         with np.errstate(divide="ignore", invalid="ignore"):
-            z = np.where(se > 0, resid / np.where(se > 0, se, 1), 0.0)
+            z = np.where(se > 0, t_to_z(resid / np.where(se > 0, se, 1), max(getattr(res, "stderr_df", 1), 1)), 0.0)
         outside = float(np.abs(res.map).sum() - np.abs(m).sum()) / max(abs(total), 1e-300)
         cases.append({"case": name, "depth": n, "k": k, "trf": trf, "n": res.n,
                       "sigma_measured": float(res.moments.sigma[0]), "sigma_theory": sigma_th,

@@ -411,8 +411,9 @@ def diff(a, b, normalize: bool = False) -> ERFDiff:
 
     Args:
         a, b: results on the same input grid (any configurations).
-        normalize: divide each map and its standard error by the map's total first, comparing
-            shapes rather than magnitudes (the total's own uncertainty is neglected).
+        normalize: divide each map by its total sum |map| first, comparing shapes rather than
+            magnitudes (the standard error of the shape includes the total's, by the delta method
+            over draws: :meth:`erf._stats.ClusterStats.normalized_stderr`).
     Returns:
         :class:`ERFDiff`.
     Raises:
@@ -434,7 +435,11 @@ def diff(a, b, normalize: bool = False) -> ERFDiff:
         if ta == 0 or tb == 0:
             raise ValueError("normalize=True needs maps with a non-zero total")
         ka, kb = 1.0 / ta, 1.0 / tb
-        ma, sa, mb, sb = ma * ka, sa * ka, mb * kb, sb * kb
+        ma, mb = ma * ka, mb * kb
+        # the shape's error includes the total's (per-draw delta method) when per-draw data exist
+        ca, cb = getattr(a, "clusters", None), getattr(b, "clusters", None)
+        sa = ca.normalized_stderr() if ca is not None else sa * ka
+        sb = cb.normalized_stderr() if cb is not None else sb * kb
     d = ma - mb
     z, se, df = welch_z(d, sa, dfa, sb, dfb)
     finite = np.isfinite(z)

@@ -143,6 +143,25 @@ def test_device_stderr_and_saved_arrays_agree_with_host():
         ClusterStats([0, 1], [1.0], np.zeros((2,) + SHAPE), np.zeros(SHAPE))
 
 
+def test_normalized_stderr_is_the_clustered_error_of_the_ratio():
+    """Reference: the textbook CR1 sandwich of the linearised ratio, from the samples themselves."""
+    xs = [np.abs(x) for x in _samples(8, [5, 6, 4, 7])]
+    win = (slice(1, 4), slice(0, 5))
+    host = _accumulate(xs).to_host()
+    allx = np.concatenate(xs)[(slice(None),) + win]
+    N, G = len(allx), len(xs)
+    m = allx.mean(0)
+    T = m.sum()
+    r = m / T
+    u = (allx - r * allx.reshape(N, -1).sum(1)[:, None, None]) / T  # influence of each sample
+    cuts = np.cumsum([0] + [len(x) for x in xs])
+    meat = sum(u[a:b].sum(0) ** 2 for a, b in zip(cuts[:-1], cuts[1:]))
+    ref = np.sqrt(meat / N ** 2 * G / (G - 1))
+    np.testing.assert_allclose(host.normalized_stderr(win), ref, rtol=1e-10)
+    # the total's uncertainty matters: the naive stderr / T differs
+    assert not np.allclose(host.stderr[win] / T, ref, rtol=0.05)
+
+
 def test_welch_z_matches_scipy():
     rng = np.random.default_rng(6)
     d, sa, sb = rng.normal(size=50) * 3, rng.uniform(0.5, 2, 50), rng.uniform(0.5, 2, 50)
