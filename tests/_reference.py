@@ -7,6 +7,7 @@ token ``grid``, unit index with negative indices, channel selection, ``unit_relu
 reduced channel by channel with an explicit loop:
 
     mean: sum_c g_c      abs: sum_c |g_c|      square: sum_c g_c^2      relu: sum_c max(g_c, 0)
+    relu_of_mean (OpenERF): max((1/C) sum_c g_c, 0)
 
 The map is the arithmetic mean of the per-sample maps, its standard error the sample standard
 deviation over sqrt(n) (two passes). Luo et al. 2016, https://arxiv.org/abs/1701.04128.
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-REDUCES = ("mean", "abs", "square", "relu")
+REDUCES = ("mean", "abs", "square", "relu", "relu_of_mean")
 
 
 def prepare(model: nn.Module) -> nn.Module:
@@ -92,8 +93,12 @@ def reduce_channels(g: torch.Tensor, reduce: str) -> torch.Tensor:
             m = m + gc * gc
         elif reduce == "relu":
             m = m + torch.where(gc > 0, gc, torch.zeros_like(gc))
+        elif reduce == "relu_of_mean":
+            m = m + gc / g.shape[0]
         else:
             raise ValueError(reduce)
+    if reduce == "relu_of_mean":
+        m = torch.where(m > 0, m, torch.zeros_like(m))
     return m
 
 

@@ -147,7 +147,7 @@ def test_reductions_and_channel_options_are_distinct(net):
     maps = {r: ref.mean_and_stderr(ref.maps_of(grads, r))[0] for r in ref.REDUCES}
     g = np.stack([x.numpy() for x in grads])
     wrong = {"square": (g.sum(1) ** 2).mean(0), "abs": np.abs(g.sum(1)).mean(0),
-             "relu": np.maximum(g.sum(1), 0).mean(0)}
+             "relu": np.maximum(g.sum(1), 0).mean(0), "relu_of_mean": np.maximum(g.mean(1).mean(0), 0)}
     for r, w in wrong.items():
         assert not np.allclose(maps[r], w, rtol=1e-3), r
     targets = {t: ref.maps_of(_ref_grads(net, t, None), "abs").mean(0) for t in TARGETS}
@@ -155,6 +155,27 @@ def test_reductions_and_channel_options_are_distinct(net):
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             assert not np.allclose(targets[a], targets[b], rtol=1e-3), (a, b)
+
+
+@pytest.mark.parametrize("protocol", ["replknet", "openerf"])
+@pytest.mark.parametrize("net", ["tv_resnet18", "timm_vit_tokens"])
+def test_protocols_equal_reference(protocol, net):
+    """RepLKNet: unit sum_c relu(out_c) at (h // 2, w // 2), map sum_c relu(g). OpenERF: unit
+    sum_c out_c at (h // 2, w // 2) of a feature map, at ((g - 1) // 2, (g - 1) // 2) of a token
+    grid (the upper-left of the four central tokens of an even grid), map relu(mean_c g)."""
+    model, shape, kw = _net(net)
+    x = _inputs(shape)
+    r = erf.effective_rf(model, shape, inputs=x, protocol=protocol, **kw, **F64)
+    out = ref.layer_output(_ref_model(net), x[:1].double(), kw["layer"])
+    side = (kw["grid"] if "grid" in kw else out.shape[2:])
+    if protocol == "replknet":
+        unit, target, reduce = tuple(s // 2 for s in side), dict(unit_relu=True), "relu"
+    else:
+        unit = tuple((s - 1) // 2 if "grid" in kw else s // 2 for s in side)
+        target, reduce = dict(unit_relu=False), "relu_of_mean"
+    assert tuple(r.unit) == unit
+    grads = ref.gradients(_ref_model(net), x, unit=unit, **kw, **target)
+    ref.assert_maps_equal(r.map, ref.mean_and_stderr(ref.maps_of(grads, reduce))[0])
 
 
 # ----------------------------------------------------------------------------- speed paths
