@@ -81,7 +81,10 @@ class DrawMaker:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(s)
             if self.is_factory:
-                model = self.model()
+                try:
+                    model = self.model()
+                except SystemExit as exc:  # user code must not end the process (nor pass as a success)
+                    raise ValueError(f"model factory called sys.exit({exc.code!r})") from None
                 if not isinstance(model, nn.Module):
                     raise TypeError(f"model factory must return an nn.Module, got {type(model).__name__}")
             else:

@@ -3,8 +3,13 @@
 ``main(argv) -> int`` parses, runs one command and writes its files; ``erf``, ``python -m erf``
 and ``python cli.py`` all call :func:`main_entry`. Each command is a pure function of its
 arguments returning an :class:`Outcome` (summary, text and the files to write); the files are
-written at the edge, each atomically (temp file + rename). Exit status: 0 success; 2 bad usage
-or bad input (one line on stderr, no traceback); 1 an unexpected failure; 130 interrupted.
+written at the edge, each atomically (temp file + rename), the main result (``.npz``) first.
+Every output path is checked (a folder that can be created and written) before any work.
+
+Exit status: 0 success; 2 bad usage or bad input (one line on stderr, no traceback); 1 an
+unexpected failure (a file that could not be written included); 3 partial success: the main
+result was written but an optional analysis (TRF, metrics, fit, figure) or a later file failed,
+each named in a warning; 130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
 """
 from __future__ import annotations
 
@@ -31,13 +36,41 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
 
 
+#: exit status of a partial success: the main result was written, an optional analysis or file failed
+EXIT_PARTIAL = 3
+#: exit status after SIGTERM (128 + 15, what shells report): the checkpoint, if any, was saved
+EXIT_TERMINATED = 143
+
+
 @dataclass
 class Outcome:
-    """What a command produced: a JSON-able summary, the text for stdout, files to write."""
+    """What a command produced: a JSON-able summary, the text for stdout, files to write.
+
+    The first file is the main result; ``failed`` names the optional analyses that failed
+    (each already reported as a warning), which makes the exit status :data:`EXIT_PARTIAL`.
+    """
 
     summary: dict[str, Any]
     text: str
     files: list[tuple[str, Callable[[str], Any]]] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    #: runs once the main result (the first file) is written: the optional analyses
+    after: Callable[["Outcome"], None] | None = None
+
+
+def _optional(name: str, failed: list[str], fn: Callable[[], Any], default: Any = None) -> Any:
+    """``fn()``, or ``default`` with a warning naming the analysis when it fails (the run is kept)."""
+    import warnings
+
+    try:
+        return fn()
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:
+        failed.append(name)
+        warnings.warn(f"the {name} analysis failed ({type(exc).__name__}: {_one_line(exc)}); "
+                      "the map is saved without it", RuntimeWarning, stacklevel=2)
+        return default
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -204,7 +237,6 @@ def cmd_map(args) -> Outcome:
     """ERF heatmap of one unit: figure (linear/log views, TRF box, 1σ/2σ ellipses, profiles), .npz, summary."""
     from erf.engine import effective_rf
     from erf.models import parse_model
-    from erf.plot import map_figure
 
     kw = _engine_kwargs(args)  # option errors before any work
     spec = parse_model(args.model, weights=args.weights)
@@ -213,25 +245,44 @@ def cmd_map(args) -> Outcome:
     t0 = time.perf_counter()
     result = effective_rf(model, shape, init=init, **kw)
     seconds = time.perf_counter() - t0
-    summary = _result_summary(result)
-    summary.update({"model": spec.spec, "seconds": round(seconds, 3)})
-    if (result.meta.get("provenance") or {}).get("weights"):
-        summary["weights"] = result.meta["provenance"]["weights"]
     name = f"map_{spec.slug}"
-    files = [(_out_path(args, name, "npz"), result.save)]
-    if result.ndim_spatial == 2:
-        files.insert(0, (_out_path(args, name), _figure_writer(map_figure(result, title=_map_title(spec, result)))))
-    else:
-        from erf.plot import new_figure, plot_result
+    outcome = Outcome({}, "", [], [])
 
-        fig = new_figure(6, 4.5)
-        plot_result(result, ax=fig.subplots())
-        files.insert(0, (_out_path(args, name), _figure_writer(fig)))
-    rows = [{"quantity": k, "value": v} for k, v in summary.items() if k not in ("config", "weights")]
-    if "weights" in summary:
-        w = summary["weights"]
-        rows.append({"quantity": "weights", "value": f"{os.path.basename(w['path'])} (sha256 {w['sha256'][:16]})"})
-    return Outcome(summary, _markdown(rows, ["quantity", "value"]), files)
+    def analyses(o: Outcome) -> None:  # after the .npz is written: a failure here never loses the map
+        o.summary = _result_summary(result, o.failed)
+        o.summary.update({"model": spec.spec, "seconds": round(seconds, 3)})
+        if (result.meta.get("provenance") or {}).get("weights"):
+            o.summary["weights"] = result.meta["provenance"]["weights"]
+        rows = [{"quantity": k, "value": v} for k, v in o.summary.items() if k not in ("config", "weights")]
+        if "weights" in o.summary:
+            w = o.summary["weights"]
+            rows.append({"quantity": "weights", "value": f"{os.path.basename(w['path'])} (sha256 {w['sha256'][:16]})"})
+        o.text = _markdown(rows, ["quantity", "value"])
+
+    # the .npz first (the run itself); the figure is drawn only when it is written, and a failure
+    # there is a warning (exit status EXIT_PARTIAL), never the loss of the map
+    outcome.files = [(_out_path(args, name, "npz"), result.save),
+                     (_out_path(args, name), _map_figure_writer(spec, result, outcome.failed))]
+    outcome.after = analyses
+    return outcome
+
+
+def _map_figure_writer(spec, result, failed: list[str]) -> Callable[[str], Any]:
+    def write(path: str):
+        def draw():
+            from erf.plot import map_figure, new_figure, plot_result, save_figure
+
+            if result.ndim_spatial == 2:
+                fig = map_figure(result, title=_map_title(spec, result))
+            else:
+                fig = new_figure(6, 4.5)
+                plot_result(result, ax=fig.subplots())
+            return save_figure(fig, path)
+        return _optional("figure", failed, draw, _SKIPPED)
+    return write
+
+
+_SKIPPED = object()  # a writer's answer when its optional file was not written
 
 
 def _map_title(spec, result) -> str:
@@ -242,19 +293,30 @@ def _map_title(spec, result) -> str:
             f"draws={cfg.get('draws')}, inputs/draw={cfg.get('n_inputs')}, method={cfg.get('method')}")
 
 
-def _result_summary(result) -> dict[str, Any]:
+def _result_summary(result, failed: list[str] | None = None) -> dict[str, Any]:
+    """The run's summary; each analysis (TRF, moments, fit, metrics) is optional: a failure is a
+    warning naming it (recorded in ``failed``) and its entries are ``None``."""
+    failed = [] if failed is None else failed
     out: dict[str, Any] = {"layer": result.layer or "output", "unit": list(result.unit),
                            "input_shape": list(result.input_shape), "n": result.n}
-    mom = result.moments
-    out["sigma_moments"] = [float(s) for s in mom.sigma]
-    fit = result.fit
+    mom = _optional("moments", failed, lambda: result.moments)
+    out["sigma_moments"] = None if mom is None else [float(s) for s in mom.sigma]
+    fit = _optional("fit", failed, lambda: result.fit)
     out["sigma_fit"] = None if fit is None else [float(s) for s in fit.sigma]
     out["fit_r2"] = None if fit is None else float(fit.r2)
-    trf = result.trf
+    trf = _optional("TRF", failed, lambda: result.trf)
     if trf is not None:
         out["trf_size"] = list(trf.size)
         out["trf_global"] = bool(getattr(trf, "is_global", False))
-    met = result.metrics
+    if trf is None and "TRF" in failed:  # the metrics without the TRF (no ERF/TRF ratio)
+        from erf.fit import metrics as _metrics
+
+        met = _optional("metrics", failed, lambda: _metrics(result.nonnegative_map))
+    else:
+        met = _optional("metrics", failed, lambda: result.metrics)
+    if met is None:
+        out.update({"erf_size": None, "erf_trf_ratio": None, "anisotropy": None, "area_ratio": None})
+        return out
     out["erf_size"] = None if met["erf_size"] is None else float(met["erf_size"])
     ratio = met.get("erf_trf_ratio")
     out["erf_trf_ratio"] = None if not ratio else float(ratio["overall"])
@@ -380,6 +442,8 @@ def cmd_growth(args) -> Outcome:
     if len(depths) < 2 or depths[0] < 1:
         raise ValueError(f"--depths needs at least two positive depths, got {args.depths!r}")
     acts = [a.strip() for a in args.acts.split(",") if a.strip()]
+    if not acts:
+        raise ValueError(f"--acts needs at least one of linear or an activation name, got {args.acts!r}")
     from erf.nets import _ACTIVATIONS
 
     for a in acts:
@@ -501,6 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
                    help="batches between checkpoint saves (default 20)")
     m.add_argument("--resume", action="store_true", help="continue from --checkpoint (a fresh run if it is absent)")
+    m.add_argument("--overwrite", action="store_true",
+                   help="start afresh even though --checkpoint exists (its progress is lost)")
     m.add_argument("--until-stderr", type=_positive_float, metavar="X",
                    help="stop once the centre's relative stderr < X")
     m.add_argument("--distributed", action="store_true",
@@ -607,55 +673,209 @@ def _show_warning(args):
     return show
 
 
-def _resume_hint(args) -> str:
-    if getattr(args, "checkpoint", None):
-        return f"progress saved to {args.checkpoint!r}; run the same command with --resume to continue"
-    return "pass --checkpoint PATH to be able to resume with --resume"
+def _resume_hint(args, saved: bool) -> str:
+    """What is on disk after an interruption, and how to continue (true to the state of the file)."""
+    path = getattr(args, "checkpoint", None)
+    if path and saved:
+        return f"progress saved to {path!r}; run the same command with --resume to continue"
+    if path and os.path.isfile(path):
+        return (f"stopped before this run saved any progress; {path!r} holds the earlier progress: run the same "
+                "command with --resume to continue from it")
+    if path:
+        return f"stopped before the first checkpoint: nothing was saved to {path!r}"
+    if hasattr(args, "resume"):
+        return "nothing was saved; pass --checkpoint PATH to be able to resume with --resume"
+    return "nothing was saved"
+
+
+# Commands whose files go to --out (the default folder included); `trf` writes only with --out.
+_WRITES_ALWAYS = ("map", "compare", "theory", "growth")
+
+
+def _writable_folder(folder: str, what: str) -> None:
+    """``folder`` exists or can be created, and a file can be written in it (before any work).
+
+    Raises ValueError naming ``what`` for a path under a file, a read-only or full file system."""
+    import errno
+    import tempfile
+
+    probe = os.path.abspath(folder or ".")
+    parent = probe
+    while not os.path.exists(parent):  # the first existing ancestor must be a folder
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{what} {folder!r}: {parent!r} is a file, not a folder")
+    created = []  # folders made for the test, removed after it (the check leaves no trace)
+    d = probe
+    while d != parent:
+        created.append(d)
+        d = os.path.dirname(d)
+    try:
+        os.makedirs(probe, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".erf-write-test-", dir=probe)
+        try:
+            os.write(fd, b"\0" * 4096)  # one page: fails on a full file system
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.remove(tmp)
+            for d in created:
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    break
+    except FileExistsError:
+        raise ValueError(f"{what} {folder!r} is a file, not a folder") from None
+    except OSError as exc:
+        reason = {errno.EROFS: "the file system is read-only", errno.ENOSPC: "the disk is full",
+                  errno.EDQUOT: "the disk quota is exceeded", errno.EACCES: "permission denied",
+                  errno.ENOTDIR: "a part of the path is a file"}.get(exc.errno, exc.strerror or str(exc))
+        raise ValueError(f"{what} {folder!r} cannot be written: {reason}") from None
+
+
+def _check_outputs(args) -> None:
+    """Every output path of the command, checked before the computation (exit 2, nothing computed)."""
+    if hasattr(args, "out") and (args.out_given or args.command in _WRITES_ALWAYS):
+        _writable_folder(args.out, "--out")
+    path = getattr(args, "checkpoint", None)
+    if path is None:
+        return
+    if path == "" or os.path.isdir(path) or path.endswith(os.sep):
+        raise ValueError(f"--checkpoint {path!r} is a folder; give a file path such as run.ckpt.npz")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ValueError(f"--checkpoint {path!r} is not a regular file")
+    _writable_folder(os.path.dirname(path) or ".", "--checkpoint folder")
+    if os.path.isfile(path) and not args.resume:
+        if not getattr(args, "overwrite", False):
+            raise ValueError(f"--checkpoint {path!r} exists and holds earlier progress: add --resume to continue "
+                             "it, or --overwrite to start afresh (its progress is lost)")
+        os.remove(path)
+
+
+class _WriteError(Exception):
+    """The main result could not be written (a full disk, a read-only file system): exit status 1."""
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers send before killing a job), handled like Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise _Terminated()
+
+
+def _write_files(args, outcome: Outcome) -> tuple[list[str], bool]:
+    """Write the main result, run the optional analyses, write the other files.
+
+    A main result that cannot be written raises (exit 1); a later failure is a warning naming the file
+    or analysis. Returns the paths written and whether everything succeeded."""
+    import warnings
+
+    written: list[str] = []
+    for i, (path, writer) in enumerate(outcome.files):
+        try:
+            ans = writer(path)
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as exc:
+            if i == 0:
+                raise _WriteError(f"could not write {path!r} ({type(exc).__name__}: {_one_line(exc)}); nothing was "
+                              "written") from None
+            outcome.failed.append(os.path.basename(path))
+            warnings.warn(f"could not write {path!r} ({type(exc).__name__}: {_one_line(exc)}); "
+                          f"{written[0]!r} was written", RuntimeWarning, stacklevel=2)
+            continue
+        if ans is not _SKIPPED:
+            written.append(os.fspath(ans) if isinstance(ans, (str, os.PathLike)) else path)
+        if i == 0 and outcome.after is not None:
+            outcome.after(outcome)
+    if not outcome.files and outcome.after is not None:
+        outcome.after(outcome)
+    return written, not outcome.failed
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 2 bad usage/input, 1 unexpected failure, 130 Ctrl-C)."""
+    """Run the CLI; returns the exit status: 0 ok, 2 bad usage/input, 1 unexpected failure, 3 partial
+    success (main result written, an optional analysis or file failed), 130 Ctrl-C, 143 SIGTERM."""
+    import signal
+    import threading
     import warnings
 
-    args = _parse(argv)
+    try:
+        args = _parse(argv)
+    except KeyboardInterrupt:
+        print("erf: interrupted", file=sys.stderr)
+        return 130
     if isinstance(args, int):
         return args
-    from erf.distributed import is_main_process
-    from erf.engine import RunInterrupted
-
+    old_term = None
+    if threading.current_thread() is threading.main_thread():
+        old_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    main_rank, ok = True, True
     try:
+        from erf.engine import RunInterrupted
+
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning(args)
-            outcome = args.func(args)
+            _check_outputs(args)
+            try:
+                outcome = args.func(args)
+            except SystemExit as exc:  # user code (a model file, a factory) called sys.exit()
+                raise ValueError(f"the model's code called sys.exit({exc.code!r}); "
+                                 "erf runs it as a library and cannot continue") from None
+            from erf.distributed import is_main_process
+
             main_rank = is_main_process()  # with --distributed only rank 0 writes and prints
-            written = [writer(path) or path for path, writer in outcome.files] if main_rank else []
-    except (RunInterrupted, KeyboardInterrupt):
-        print(f"erf {args.command}: interrupted; {_resume_hint(args)}", file=sys.stderr)
-        return 130
+            written, ok = _write_files(args, outcome) if main_rank else ([], True)
+    except KeyboardInterrupt as exc:
+        saved = isinstance(exc, _interrupted_type())  # the engine saved the checkpoint
+        terminated = isinstance(exc, _Terminated) or isinstance(exc.__context__, _Terminated)
+        what = "terminated (SIGTERM)" if terminated else "interrupted"
+        print(f"erf {args.command}: {what}; {_resume_hint(args, saved)}", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else 130
     except (ValueError, TypeError, UsageError, ImportError) as exc:
         if os.environ.get("ERF_DEBUG"):
             raise
         print(f"erf {args.command}: error: {_cli_message(_one_line(exc))}", file=sys.stderr)
         return 2
+    except _WriteError as exc:
+        print(f"erf {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
     except Exception as exc:  # an unexpected failure: one line, status 1
         if os.environ.get("ERF_DEBUG"):
             raise
         print(f"erf {args.command}: unexpected {type(exc).__name__}: {_one_line(exc)} "
               "(set ERF_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     if not main_rank:
         return 0
     if args.json:
         summary = dict(outcome.summary)
         summary["files"] = [os.fspath(w) for w in written]
+        if outcome.failed:
+            summary["failed"] = list(outcome.failed)
         print(json.dumps(_jsonable(summary), allow_nan=False))
     else:
         sys.stdout.write(outcome.text)
         for w in written:
             print(f"wrote {w}")
-    return 0
+    return 0 if ok else EXIT_PARTIAL
+
+
+def _interrupted_type():
+    """:class:`erf.engine.RunInterrupted` when the engine is loaded (it means: checkpoint saved)."""
+    engine = sys.modules.get("erf.engine")
+    return getattr(engine, "RunInterrupted", ()) if engine is not None else ()
 
 
 def main_entry() -> None:
-    """Console-script entry point: ``sys.exit(main())``."""
-    sys.exit(main())
+    """Console-script entry point: ``sys.exit(main())`` (Ctrl-C at any point: one line, status 130)."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print("erf: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)

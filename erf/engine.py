@@ -32,6 +32,8 @@ from erf._fold import fold_batchnorms, plan_folding
 from erf._crop import plan_crop
 from erf._draws import INITS, DrawMaker, describe_init
 from erf._inputs import IterableInputs, make_source
+from erf._integrity import (check_checkpoint_arrays, check_checkpoint_path, check_position, check_result_arrays, differences,
+                            run_fingerprint)
 from erf._io import atomic_write
 from erf._stats import RunningMoments, merge_numpy, stderr_of
 from erf._target import Target, check_grid
@@ -51,6 +53,10 @@ FORMAT_VERSION = 1
 
 class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C during a run; the checkpoint (if any) was saved and ``str(exc)`` says how to resume."""
+
+
+class _Mismatch(Exception):
+    """A checkpoint or result of another configuration (raised as ValueError naming what differs)."""
 
 
 class _StopForward(Exception):
@@ -152,6 +158,8 @@ class ERFResult:
         path = os.fspath(path)
         if not isinstance(path, str):
             raise TypeError(f"path must be a text path, got {path!r}")
+        if not os.path.basename(path) or os.path.isdir(path):
+            raise ValueError(f"path must name a file (such as result.npz), got {path!r}")
         if not path.endswith(".npz"):
             path += ".npz"
         meta = dict(self.meta)
@@ -176,7 +184,7 @@ class ERFResult:
         a = {k: v for k, v in self.config.items() if k not in ignore}
         b = {k: v for k, v in other.config.items() if k not in ignore}
         if a != b or self.unit != other.unit or self.layer != other.layer:
-            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            diff = differences(a, b)
             raise ValueError(f"other: results differ in configuration ({', '.join(diff) or 'unit/layer'}); "
                              "only runs of the same configuration over disjoint draws can be merged")
         ra, rb = self.config["draw_ranges"], other.config["draw_ranges"]
@@ -216,10 +224,17 @@ def load(path: str | os.PathLike) -> ERFResult:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
             arrays = {k: z[k] for k in ("map", "m2")}
-    except (ValueError, KeyError, OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"path: {path!r} is not an erf result file ({exc})") from None
+        if not isinstance(meta, dict):
+            raise ValueError("its metadata is not a JSON object")
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:  # BadZipFile, EOFError, KeyError, RecursionError, ...: one message
+        raise ValueError(f"path: {path!r} is not an erf result file ({type(exc).__name__}: {str(exc)[:200]})"
+                         ) from None
     if meta.get("format") != FORMAT_VERSION:
         raise ValueError(f"path: {path!r} has result format {meta.get('format')!r}, expected {FORMAT_VERSION}")
+    check_result_arrays(meta, arrays, f"path: {path!r}")
+    arrays = {k: v.astype(np.float64, copy=False) for k, v in arrays.items()}
     trf = None
     if meta.get("trf") is not None:
         try:
@@ -357,6 +372,7 @@ class _Run:
         self.resume = resume
         if resume and self.checkpoint is None:
             raise ValueError("resume=True needs checkpoint=PATH")
+        check_checkpoint_path(self.checkpoint, resume)
         self.maker = DrawMaker(model, init, self.seed, self.draws)
         self.source = make_source(inputs, self.n_inputs, self.input_shape, self.seed, self.draws, preprocess)
         self.inputs_desc = inputs if isinstance(inputs, str) else self.source.describe()
@@ -393,7 +409,9 @@ class _Run:
 
     def setup(self) -> None:
         """Build the first draw, resolve layers and units with one probe sample, plan the speed paths."""
-        self.model0 = self._prepare(self.maker.build(self.first_draw))
+        built = self.maker.build(self.first_draw)
+        self.fingerprint = run_fingerprint(self, built)  # what determines the numbers (once per run)
+        self.model0 = self._prepare(built)
         # Module arguments name modules of the caller's model; the run works on copies, so map to paths.
         owner = self.model0 if self.maker.is_factory else self.maker.model
         self.paths = [resolve_layer(owner, l) for l in self.layer_args]
@@ -530,6 +548,7 @@ class _Run:
     # -- checkpoints
     def _fingerprint(self, config: dict) -> str:
         keep = {k: v for k, v in config.items() if k not in ("progress", "until_stderr", "batch_size")}
+        self._checkpoint_config = keep  # stored with the checkpoint to name what differs on resume
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
     def _save_checkpoint(self, draw: int, start: int, fingerprint: str) -> None:
@@ -539,7 +558,8 @@ class _Run:
             arrays[f"n{i}"] = np.array(st.n.item())
             arrays[f"mean{i}"], arrays[f"m2_{i}"] = mean, m2
         state = {"fingerprint": fingerprint, "draw": draw, "start": start, "batch_size": self.batch_size_used,
-                 "skipped": float(self.skipped.item()), "targets": len(self.stats)}
+                 "skipped": float(self.skipped.item()), "targets": len(self.stats),
+                 "config": getattr(self, "_checkpoint_config", None)}
         arrays["state"] = np.array(json.dumps(state))
         atomic_savez(self.checkpoint, arrays)
 
@@ -550,17 +570,32 @@ class _Run:
         try:
             with np.load(path, allow_pickle=False) as z:
                 state = json.loads(str(z["state"]))
-                if state["fingerprint"] != fingerprint:
-                    raise ValueError(f"checkpoint {path!r} belongs to another configuration; delete it or "
-                                     "use another path")
+                if not isinstance(state, dict):
+                    raise ValueError("its state is not a JSON object")
+                if state.get("fingerprint") != fingerprint:
+                    saved = state.get("config")
+                    what = differences(saved, self._checkpoint_config) if isinstance(saved, dict) else []
+                    raise _Mismatch(f"checkpoint {path!r} belongs to another configuration"
+                                    + (f" (differs in {', '.join(what)})" if what else "")
+                                    + "; refusing to mix runs: delete it or use another path")
+                where = f"checkpoint {path!r}"
+                check_position(state, self.first_draw, self.draws, self.source.n, where)
+                loaded = []
                 for i, st in enumerate(self.stats):
-                    st.n = torch.tensor(float(z[f"n{i}"]), dtype=torch.float64, device=self.device)
-                    st.mean = torch.as_tensor(z[f"mean{i}"], device=self.device).clone()
-                    st.m2 = torch.as_tensor(z[f"m2_{i}"], device=self.device).clone()
-        except (KeyError, OSError, json.JSONDecodeError, ValueError) as exc:
-            if "another configuration" in str(exc):
-                raise
-            raise ValueError(f"checkpoint {path!r} is not a readable erf checkpoint ({exc})") from None
+                    mean, m2 = z[f"mean{i}"], z[f"m2_{i}"]
+                    count = check_checkpoint_arrays(z[f"n{i}"][()], mean, m2, tuple(st.mean.shape), where)
+                    loaded.append((count, mean, m2))
+                for st, (count, mean, m2) in zip(self.stats, loaded):
+                    st.n = torch.tensor(float(count), dtype=torch.float64, device=self.device)
+                    st.mean = torch.as_tensor(mean, dtype=torch.float64, device=self.device).clone()
+                    st.m2 = torch.as_tensor(m2, dtype=torch.float64, device=self.device).clone()
+        except _Mismatch as exc:
+            raise ValueError(str(exc)) from None
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as exc:  # BadZipFile, EOFError, KeyError, RecursionError, ...: one message
+            raise ValueError(f"checkpoint {path!r} is not a readable erf checkpoint "
+                             f"({type(exc).__name__}: {str(exc)[:200]})") from None
         self.batch_size_used = state["batch_size"]
         self.skipped.fill_(state["skipped"])
         return state["draw"], state["start"]
@@ -768,7 +803,7 @@ def effective_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequen
         "channel": _jsonable(run.targets[0].channels), "grid": _jsonable(run.grid),
         "select": _jsonable(select), "nonfinite": run.nonfinite, "until_stderr": run.until_stderr,
         "model": type(run.model0).__name__ if not run.maker.is_factory else _jsonable(model),
-        "model_hash": run.model_hash,
+        "model_hash": run.model_hash, "fingerprint": run.fingerprint,
         "layers": run.paths, "units": [list(t.unit) for t in run.targets],
         "protocol": protocol, "preprocess": _jsonable(getattr(run.source, "options", None)),
     }

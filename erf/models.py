@@ -150,6 +150,8 @@ def _call_factory(obj, spec: str) -> nn.Module:
     except TypeError as exc:  # e.g. a function or class that needs arguments
         raise ValueError(f"{spec}: the factory must be callable with no arguments, but calling it raised "
                          f"TypeError: {exc}") from None
+    except SystemExit as exc:  # user code must not end the process (nor pass as a success)
+        raise ValueError(f"{spec}: the factory called sys.exit({exc.code!r})") from None
     if not isinstance(model, nn.Module):
         raise ValueError(f"{spec}: the factory returned {type(model).__name__}, not an nn.Module")
     return model
@@ -183,6 +185,18 @@ def _file(path: str, attr: str, spec: str) -> ModelSpec:
     except SyntaxError as exc:
         raise ValueError(f"model file {path!r} has a syntax error at line {exc.lineno}: {exc.msg} "
                          f"(spec {spec!r})") from None
+    except SystemExit as exc:
+        raise ValueError(f"model file {path!r} called sys.exit({exc.code!r}) while being imported "
+                         f"(spec {spec!r})") from None
+    except Exception as exc:  # the file's own error, named with the file
+        line = ""
+        tb = exc.__traceback__
+        while tb is not None:
+            if os.path.abspath(tb.tb_frame.f_code.co_filename) == os.path.abspath(path):
+                line = f" at line {tb.tb_lineno}"
+            tb = tb.tb_next
+        raise ValueError(f"model file {path!r} raised {type(exc).__name__}{line} while being imported: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''} (spec {spec!r})") from None
     if not hasattr(module, attr):
         raise ValueError(f"{path!r} defines no {attr!r} (spec {spec!r})")
     return _from_object(getattr(module, attr), spec, "file")
