@@ -436,25 +436,39 @@ def welch_z(d: np.ndarray, se_a: np.ndarray, df_a: float, se_b: np.ndarray,
 
 
 def _moment_basis(shape: tuple[int, ...]) -> tuple[np.ndarray, list[str]]:
-    """Polynomials of degree <= 2 in coordinates scaled to [-1, 1], as (k, P) rows, ordered by
-    what they say about an ERF: mass, spread (r^2), shift (u_a), anisotropy (u_a^2 - u_b^2, u_a u_b)."""
+    """Polynomials of degree <= 2 in coordinates scaled to [-1, 1], as (k, P) rows: r^2 (spread),
+    u_a (shift), u_a^2 - u_b^2 and u_a u_b (anisotropy)."""
     d = len(shape)
     u = [np.linspace(-1.0, 1.0, n) if n > 1 else np.zeros(1) for n in shape]
     grids = np.meshgrid(*u, indexing="ij")
-    rows, names = [np.ones(shape)], ["mass"]
-    rows.append(sum(g * g for g in grids))
-    names.append("r2")
+    rows, names = [sum(g * g for g in grids)], ["spread"]
     for a in range(d):
         rows.append(grids[a])
-        names.append(f"u{a}")
+        names.append(f"shift{a}")
     for a in range(d - 1):
         rows.append(grids[a] ** 2 - grids[a + 1] ** 2)
-        names.append(f"u{a}^2-u{a + 1}^2")
+        names.append(f"aniso{a}{a + 1}")
     for a in range(d):
         for b in range(a + 1, d):
             rows.append(grids[a] * grids[b])
-            names.append(f"u{a}u{b}")
+            names.append(f"tilt{a}{b}")
     return np.stack([r.reshape(-1) for r in rows]), names
+
+
+def draw_features(stats: "ClusterStats", shape_only: bool = False) -> tuple[np.ndarray, list[str]]:
+    """Per-draw summary of each draw's mean map x_d, with w = |x_d|: log of the mass sum w, then
+    the normalised moments sum B w / sum w (:func:`_moment_basis`): insensitive to the overall gain
+    of a draw's weights, which varies most between draws. ``shape_only`` drops the log mass."""
+    basis, names = _moment_basis(stats.within_ss.shape)
+    w = np.abs(stats.draw_mean[stats.draw_n > 0]).reshape(stats.draws, -1)
+    mass = w.sum(1)
+    w = w[mass > 0]
+    mass = mass[mass > 0]
+    feats = (w @ basis.T) / mass[:, None]
+    if not shape_only:
+        feats = np.concatenate([np.log(mass)[:, None], feats], axis=1)
+        names = ["log_mass"] + names
+    return feats, names
 
 
 @dataclass
@@ -475,34 +489,33 @@ class MapTest:
     note: str
 
 
-def map_test(a: "ClusterStats | None", b: "ClusterStats | None", scale_a: float = 1.0,
-             scale_b: float = 1.0) -> MapTest:
+def map_test(a: "ClusterStats | None", b: "ClusterStats | None", shape_only: bool = False) -> MapTest:
     """Do two mean maps differ? A two-sample Hotelling T^2 over weight draws.
 
     Neighbouring positions are strongly correlated, so a sum of z^2 over positions has no
-    chi-square law; the draw is the independent unit. Each draw's mean map x_d is reduced to
-    k linear moment features f_d = B x_d (mass, spread r^2, shift, anisotropy: polynomials of
-    degree <= 2, :func:`_moment_basis`), with k <= min(D_a, D_b) - 1. The statistic is
-    T^2 = (fbar_a - fbar_b)^T (S_a / D_a + S_b / D_b)^-1 (fbar_a - fbar_b), referred to
-    nu k / (nu - k + 1) F(k, nu - k + 1) with Krishnamoorthy & Yu's (2004, Stat. Probab. Lett.
-    69) nu, which allows unequal covariances (the Behrens-Fisher setting). Draws weigh equally.
-    It detects differences in the mass, size, position or shape of the maps, not changes that
-    leave all moments up to order 2 unchanged.
+    chi-square law; the draw is the independent unit. Each draw's mean map is reduced to k
+    features (:func:`draw_features`: log mass, spread, shift, anisotropy), k <= (D_a + D_b) / 4,
+    and T^2 = (fbar_a - fbar_b)^T (S_a / D_a + S_b / D_b)^-1 (fbar_a - fbar_b) is referred to
+    nu k / (nu - k + 1) F(k, nu - k + 1) with Krishnamoorthy & Yu's (2004, Stat. Probab. Lett. 69)
+    nu, which allows unequal covariances. Draws weigh equally; draws whose map is all zero (a
+    dead network) have no shape and are left out. It detects differences in the mass,
+    size, position or elongation of the maps, not changes that leave all of them unchanged.
     """
     from scipy import stats
 
     if a is None or b is None:
         return MapTest(math.nan, math.nan, [], (), "not available: a result has no per-draw statistics "
                        "(saved by an older version)")
-    Da, Db = a.draws, b.draws
-    if min(Da, Db) < 2:
+    if min(a.draws, b.draws) < 2:
         return MapTest(math.nan, math.nan, [], (), f"not available: needs at least 2 weight draws in each "
-                       f"result (got {Da} and {Db})")
-    basis, names = _moment_basis(a.within_ss.shape)
-    k = min(len(names), min(Da, Db) - 1)
-    basis, names = basis[:k], names[:k]
-    fa = a.draw_mean[a.draw_n > 0].reshape(Da, -1) @ basis.T * scale_a
-    fb = b.draw_mean[b.draw_n > 0].reshape(Db, -1) @ basis.T * scale_b
+                       f"result (got {a.draws} and {b.draws})")
+    fa, names = draw_features(a, shape_only)
+    fb, _ = draw_features(b, shape_only)
+    Da, Db = len(fa), len(fb)
+    k = min(len(names), Da - 1, Db - 1, max(1, (Da + Db) // 4))  # keep >= ~3 draws per feature
+    if k < 1:
+        return MapTest(math.nan, math.nan, [], (), "not available: fewer than 2 draws with a non-zero map")
+    fa, fb, names = fa[:, :k], fb[:, :k], names[:k]
     Va = np.atleast_2d(np.cov(fa, rowvar=False)) / Da
     Vb = np.atleast_2d(np.cov(fb, rowvar=False)) / Db
     S = Va + Vb

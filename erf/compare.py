@@ -446,7 +446,7 @@ def diff(a, b, normalize: bool = False) -> ERFDiff:
     support = (ma != 0) | (mb != 0)
     max_abs_z = float(np.abs(z[finite]).max()) if finite.any() else 0.0
     frac = float(np.mean(np.abs(z[support]) > 3)) if support.any() else 0.0
-    test = map_test(getattr(a, "clusters", None), getattr(b, "clusters", None), ka, kb)
+    test = map_test(getattr(a, "clusters", None), getattr(b, "clusters", None), shape_only=bool(normalize))
     return ERFDiff(map=d, stderr=se, z=z, max_abs_z=max_abs_z, frac_significant=frac, normalized=bool(normalize),
                    df=df, statistic=test.statistic, p_value=test.p_value, test=test.note)
 
