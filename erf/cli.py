@@ -339,8 +339,16 @@ def cmd_compare(args) -> Outcome:
         kw["init"] = args.init
     if args.inputs is not None:
         kw["inputs"] = args.inputs
-    shape = parse_input_shape(args.input_shape) if args.input_shape else (3, 128, 128)
-    comp = compare(args.pools, input_shape=shape, **kw)
+    if args.models is not None:  # any models side by side (SPEC[@WEIGHTS],...): erf.compare(models=...)
+        if args.pools != "all":
+            raise UsageError("give --models or --pools, not both")
+        shape = parse_input_shape(args.input_shape) if args.input_shape else None
+        comp = compare(models=args.models, input_shape=shape, layer=args.layer, **kw)
+    else:
+        if args.layer is not None:
+            raise UsageError("--layer needs --models (the pooling comparison measures the net's output)")
+        shape = parse_input_shape(args.input_shape) if args.input_shape else (3, 128, 128)
+        comp = compare(args.pools, input_shape=shape, **kw)
     md = comp.to_markdown()
     files = [(_out_path(args, "compare_grid"), _figure_writer(comp.plot_grid(same_scale=args.same_scale))),
              (_out_path(args, "compare_ratios"), _figure_writer(comp.plot_ratios())),
@@ -504,7 +512,8 @@ _EPILOG = {
     "map": "example:\n  erf map pool:softpool --n-inputs 32 --draws 4\n  erf map stack:10 --init ones --reduce mean "
            "--input-shape 1x48x48\n  erf map torchvision:resnet18 --layer layer2 --input-shape 3x128x128 --out maps",
     "compare": "example:\n  erf compare                      # every module, writes figures/compare_*\n"
-               "  erf compare --pools max,avg,softpool --json --out /tmp/cmp",
+               "  erf compare --pools max,avg,softpool --json --out /tmp/cmp\n"
+               "  erf compare --models timm:resnet18@ep0.pth,timm:resnet18@ep90.pth --layer layer4",
     "trf": "example:\n  erf trf torchvision:resnet18\n  erf trf pool:maxblur --input-shape 3x128x128 --json",
     "theory": "example:\n  erf theory --depth 10 --k 3",
     "growth": "example:\n  erf growth                        # linear, ReLU and tanh stacks\n"
@@ -578,6 +587,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with standard errors from independent groups of weight draws.",
                        epilog=_EPILOG["compare"], formatter_class=fmt)
     c.add_argument("--pools", default="all", help="comma-separated module names or 'all' (default)")
+    c.add_argument("--models", metavar="SPEC[@WEIGHTS],...",
+                   help="compare these models instead of pooling modules, e.g. timm:resnet18@ep0.pth,"
+                        "timm:resnet18@ep90.pth (one model's two checkpoints) or timm:resnet18,timm:convnext_atto")
+    c.add_argument("--layer", help="with --models: the layer of every model (default: each model's own rule)")
     c.add_argument("--groups", type=_positive_int, help="independent groups of draws for standard errors (default 4)")
     c.add_argument("--same-scale", action="store_true", help="grid: maps as mass shares on one colour scale")
     c.set_defaults(func=cmd_compare)
@@ -633,7 +646,7 @@ _OPTION_OF = {"input_shape": "--input-shape", "n_inputs": "--n-inputs", "batch_s
               "until_stderr": "--until-stderr", "checkpoint_every": "--checkpoint-every", "unit": "--unit",
               "channel": "--channel", "layer": "--layer", "inputs": "--inputs", "device": "--device",
               "draws": "--draws", "checkpoint": "--checkpoint", "reduce": "--reduce", "method": "--method",
-              "weights": "--weights"}
+              "weights": "--weights", "models": "--models", "init": "--init"}
 
 
 def _cli_message(text: str) -> str:

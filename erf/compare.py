@@ -20,6 +20,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ import numpy as np
 from erf._io import atomic_write_text
 from torch import nn
 
-__all__ = ["Comparison", "ERFDiff", "compare", "diff", "COLUMNS"]
+__all__ = ["Comparison", "ERFDiff", "compare", "compare_models", "diff", "COLUMNS", "MODEL_COLUMNS"]
 
 #: Row keys with a standard error (``key_se``), in table order.
 NUMBERS: tuple[str, ...] = ("erf_size", "sigma_row", "sigma_col", "erf_trf_ratio", "area_20", "area_30",
@@ -156,10 +157,10 @@ def _merge_all(results: Sequence[Any]):
 # ------------------------------------------------------------------------------ Comparison
 @dataclass
 class Comparison:
-    """The result of :func:`compare`: one row per pooling module.
+    """The result of :func:`compare`: one row per pooling module (or per model, ``compare(models=...)``).
 
     Attributes:
-        rows: list of dicts with the keys of :data:`COLUMNS` (``x`` and its standard error ``x_se``).
+        rows: list of dicts with the keys of :attr:`columns` (``x`` and its standard error ``x_se``).
         results: pool name -> merged :class:`erf.ERFResult` (every group's draws).
         options: the settings of the run (JSON-able). seconds: wall time of the run.
     """
@@ -173,19 +174,28 @@ class Comparison:
         """The rows (copies), one dict per module."""
         return [dict(r) for r in self.rows]
 
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """:data:`MODEL_COLUMNS` for a comparison of models, else :data:`COLUMNS`."""
+        return MODEL_COLUMNS if self.options.get("models") else COLUMNS
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary: options, seconds and rows (NaN written as null)."""
-        return {"options": self.options, "seconds": self.seconds, "columns": list(COLUMNS),
+        return {"options": self.options, "seconds": self.seconds, "columns": list(self.columns),
                 "rows": [{k: _json_number(v) for k, v in r.items()} for r in self.rows]}
 
     def to_markdown(self) -> str:
         """A markdown table: value ± standard error; areas in percent of the input area."""
-        head = ["module", "kind", "TRF", "ERF size", "σ row", "σ col", "ERF/TRF", "area 20 %", "area 50 %",
-                "area 99 %", "anisotropy", "fit R²"]
+        models = bool(self.options.get("models"))
+        head = (["model", "layer", "weights"] if models else ["module", "kind"]) + [
+            "TRF", "ERF size", "σ row", "σ col", "ERF/TRF", "area 20 %", "area 50 %", "area 99 %", "anisotropy",
+            "fit R²"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in self.rows:
             trf = "—" if r["trf_size"] is None else f"{r['trf_size']:.0f}" + (" (global)" if r["trf_global"] else "")
-            cells = [r["pool"], r["kind"], trf, _pm(r, "erf_size", 1), _pm(r, "sigma_row", 2),
+            first = ([r["model"], r["layer"], r["weights"] or f"{self.options.get('init')} init"] if models
+                     else [r["pool"], r["kind"]])
+            cells = first + [trf, _pm(r, "erf_size", 1), _pm(r, "sigma_row", 2),
                      _pm(r, "sigma_col", 2), _pm(r, "erf_trf_ratio", 3), _pm(r, "area_20", 2, 100),
                      _pm(r, "area_50", 2, 100), _pm(r, "area_99", 1, 100), _pm(r, "anisotropy", 3),
                      _pm(r, "fit_r2", 3)]
@@ -195,10 +205,10 @@ class Comparison:
     def to_csv(self, path: str | os.PathLike) -> str:
         """Write the rows as CSV (atomically); returns the path."""
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(COLUMNS), lineterminator="\n")
+        w = csv.DictWriter(buf, fieldnames=list(self.columns), lineterminator="\n")
         w.writeheader()
         for r in self.rows:
-            w.writerow({k: ("" if _isnan(r[k]) or r[k] is None else r[k]) for k in COLUMNS})
+            w.writerow({k: ("" if _isnan(r[k]) or r[k] is None else r[k]) for k in self.columns})
         return write_text_atomic(path, buf.getvalue())
 
     def to_json(self, path: str | os.PathLike) -> str:
@@ -271,20 +281,25 @@ def _resolve_pools(pools: Any) -> list[str]:
 
 
 def compare(pools: Any = "all", net: Callable[..., nn.Module] | None = None,
-            input_shape: Sequence[int] = (3, 128, 128), *, groups: int = 4, draws: int = 3, n_inputs: int = 4,
-            init: str | Callable = "kaiming", reduce: str = "abs", seed: int = 0, progress: bool = True,
-            **options) -> Comparison:
+            input_shape: Sequence[int] | None = None, *, models: Any = None, groups: int = 4, draws: int = 3,
+            n_inputs: int = 4, init: str | Callable | None = None, reduce: str = "abs", seed: int = 0,
+            progress: bool = True, **options) -> Comparison:
     """ERF of the centre unit of ``net(pool)`` for every pooling module, with standard errors.
 
     Each module runs ``groups`` independent groups of ``draws`` weight draws x ``n_inputs``
     Gaussian inputs (defaults 4 x 3 x 4 = 48 maps, 12 weight draws); numbers come from the merged map and their
     standard errors from the delete-one-group jackknife (see the module docstring).
 
+    With ``models=`` any models are compared instead (see :func:`compare_models`): two checkpoints
+    of one model (before/after training), several backbones, ...
+
     Args:
         pools: ``"all"`` (every non-head module of ``erf.pooling.REGISTRY``), a list of names or
             a comma-separated string.
         net: ``net(pool_name) -> nn.Module``; default :func:`erf.nets.pooling_net` (TRF 68-89 px).
         input_shape: ``(C, H, W)``; keep it larger than the TRF (128 x 128 by default).
+        models: ``{"name": module | factory | "SPEC[@WEIGHTS]"}`` (or a list of specs): compare these
+            models instead of pooling modules (:func:`compare_models`).
         groups, draws, n_inputs: K groups of ``draws`` draws of ``n_inputs`` inputs (groups >= 2).
         init: ``"kaiming"`` (He-normal conv weights, zero biases, pooling modules untouched; the
             default, so data-dependent modules see unit-scale activations) or any ``init`` of
@@ -301,6 +316,13 @@ def compare(pools: Any = "all", net: Callable[..., nn.Module] | None = None,
     from erf.nets import pooling_net
     from erf.pooling import get_entry
 
+    if models is not None:
+        if pools not in ("all", None) or net is not None:
+            raise ValueError("models: give either models= or pools=/net= (the pooling comparison), not both")
+        return compare_models(models, input_shape, groups=groups, draws=draws, n_inputs=n_inputs, init=init,
+                              reduce=reduce, seed=seed, progress=progress, **options)
+    input_shape = (3, 128, 128) if input_shape is None else input_shape
+    init = "kaiming" if init is None else init
     if net is None:
         net = pooling_net
     if not callable(net):
@@ -352,6 +374,209 @@ def compare(pools: Any = "all", net: Callable[..., nn.Module] | None = None,
             "groups": groups, "draws": draws, "n_inputs": n_inputs,
             "init": init if isinstance(init, str) else getattr(init, "__qualname__", type(init).__name__),
             "reduce": reduce, "seed": seed}
+    opts.update({k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in options.items()})
+    return Comparison(rows=rows, results=results, options=opts, seconds=round(time.perf_counter() - t_start, 3))
+
+
+# ------------------------------------------------------------------------------ compare models
+#: Row keys of a model comparison, in table order (``pool`` repeats the name for the figures).
+MODEL_COLUMNS: tuple[str, ...] = (("model", "spec", "layer", "unit", "weights", "weights_sha256", "kind",
+                                   "locality", "trf_size", "trf_global")
+                                  + tuple(x for k in NUMBERS for x in (k, f"{k}_se")) + ("n", "seconds"))
+
+
+@dataclass
+class _Entry:
+    name: str
+    spec: str
+    kind: str  # "weights" (fixed: a module or SPEC@WEIGHTS) or "random" (a factory or a spec)
+    model: Any  # nn.Module (fixed weights) or a zero-argument factory
+    fixed: bool
+    default_shape: tuple[int, ...] | None
+
+
+def _display_name(text: str, taken: set[str]) -> str:
+    base, sep, path = text.partition("@")
+    short = f"{base}@{os.path.basename(path)}" if sep else text
+    return short if short not in taken else text
+
+
+def _model_entries(models: Any) -> list[tuple[str, Any]]:
+    if isinstance(models, str):
+        models = [m.strip() for m in models.split(",") if m.strip()]
+    if isinstance(models, (list, tuple)):
+        if not models:
+            raise ValueError("models: an empty list; give {'name': model, ...} or a list of specs")
+        bad = [m for m in models if not isinstance(m, str)]
+        if bad:
+            raise TypeError(f"models: a list must hold 'SPEC[@WEIGHTS]' strings (give a dict name -> module or "
+                            f"factory for other models), got {type(bad[0]).__name__}")
+        named: dict[str, Any] = {}
+        for m in models:
+            name = _display_name(m, set(named))
+            if name in named:
+                raise ValueError(f"models: {m!r} is listed twice")
+            named[name] = m
+        models = named
+    if not isinstance(models, dict):
+        raise TypeError(f"models must be a dict {{'name': module | factory | 'SPEC[@WEIGHTS]'}} or a list of specs, "
+                        f"got {type(models).__name__}")
+    if not models:
+        raise ValueError("models: an empty dict; give at least one model")
+    for name in models:
+        if not isinstance(name, str) or not name.strip():
+            raise TypeError(f"models: every name must be a non-empty str, got {name!r}")
+    return list(models.items())
+
+
+def _resolve_entry(name: str, value: Any, channels: int | None) -> _Entry:
+    from erf.models import parse_model
+
+    if isinstance(value, str):
+        spec = parse_model(value)
+        c = channels if channels is not None else spec.default_input_shape[0]
+        if spec.weights:
+            return _Entry(name, value, "weights", spec.build(c), True, spec.default_input_shape)
+        return _Entry(name, value, "random", spec.factory(c), False, spec.default_input_shape)
+    if isinstance(value, nn.Module):
+        return _Entry(name, type(value).__name__, "weights", value, True, None)
+    if callable(value):
+        return _Entry(name, getattr(value, "__qualname__", type(value).__name__), "random", value, False, None)
+    raise TypeError(f"models[{name!r}] must be an nn.Module, a zero-argument factory or a 'SPEC[@WEIGHTS]' "
+                    f"string, got {type(value).__name__}")
+
+
+def _weights_of(result) -> dict | None:
+    return (result.meta.get("provenance") or {}).get("weights")
+
+
+def compare_models(models: Any, input_shape: Sequence[int] | None = None, *, groups: int = 4, draws: int = 3,
+                   n_inputs: int = 4, init: str | Callable | None = None, reduce: str = "abs", seed: int = 0,
+                   progress: bool = True, **options) -> Comparison:
+    """ERF of the centre unit of any models side by side (``erf.compare(models=...)``), with standard errors.
+
+    Same numbers, table and figures as the pooling comparison (module docstring: merged map,
+    delete-one-group jackknife over ``groups`` independent groups). A model with fixed weights (an
+    ``nn.Module``, or a spec with ``@WEIGHTS``) is measured as it is: each group is one set of
+    ``draws * n_inputs`` inputs (disjoint input streams), so the standard errors cover the inputs.
+    A factory or a spec without weights gets ``draws`` random weight draws of ``n_inputs`` inputs per
+    group, as the pooling nets do. Two checkpoints of one model: ``{"before": "timm:resnet18@ep0.pth",
+    "after": "timm:resnet18@ep90.pth"}``.
+
+    Args:
+        models: ``{"name": module | factory | "SPEC[@WEIGHTS]"}``, or a list (or comma-separated
+            string) of specs named after themselves.
+        input_shape: ``(C, H, W)``; default: the specs' common default (224 x 224 for timm/torchvision).
+        layer: (in ``options``) one layer for every model, or ``{"name": layer}``; default: each model's
+            own rule of :func:`erf.effective_rf`.
+        init: for random-weight models, ``"default"`` (their own initialisation; the default) or any
+            init of :func:`compare`; fixed-weight models refuse any other than ``"default"``.
+        groups, draws, n_inputs, reduce, seed, progress, **options: as :func:`compare`.
+    Raises:
+        ValueError, TypeError: bad models, names, layers, shapes or options (each naming the argument).
+    """
+    from tqdm.auto import tqdm
+
+    from erf.engine import effective_rf
+
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 2:
+        raise ValueError(f"groups must be an int >= 2 (standard errors need two groups), got {groups!r}")
+    for name, value in (("draws", draws), ("n_inputs", n_inputs)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    for bad in ("first_draw", "model"):
+        if bad in options:
+            raise ValueError(f"{bad} is not an option of compare (groups set the draws and inputs)")
+    pairs = _model_entries(models)
+    layer = options.pop("layer", None)
+    if isinstance(layer, dict):
+        unknown = sorted(set(layer) - {n for n, _ in pairs})
+        if unknown:
+            raise ValueError(f"layer: names {unknown} are not among the models {[n for n, _ in pairs]}")
+        layers = {n: layer.get(n) for n, _ in pairs}
+    elif layer is None or isinstance(layer, str):
+        layers = {n: layer for n, _ in pairs}
+    else:
+        raise TypeError(f"layer must be a module path (one for every model) or a dict name -> path, "
+                        f"got {type(layer).__name__}")
+    init = "default" if init is None else init
+    channels = None if input_shape is None else int(tuple(input_shape)[0])
+    entries = [_resolve_entry(n, v, channels) for n, v in pairs]  # builds and loads every checkpoint first
+    if input_shape is None:
+        shapes = {e.default_shape for e in entries if e.default_shape is not None}
+        if len(shapes) != 1 or any(e.default_shape is None for e in entries):
+            raise ValueError("input_shape: give input_shape (the models' default shapes "
+                             f"{sorted(shapes) or 'are unknown'} do not settle one)")
+        input_shape = shapes.pop()
+    input_shape = tuple(int(x) for x in input_shape)
+    for e in entries:
+        if e.fixed and init != "default":
+            raise ValueError(f"init: models[{e.name!r}] has fixed weights (a module or SPEC@WEIGHTS), which "
+                             f"init={init!r} would re-draw; leave init unset for it")
+    kaiming = init == "kaiming"
+    engine_init = "default" if kaiming else init
+    t_start = time.perf_counter()
+    rows, results = [], {}
+    bar = tqdm(total=len(entries) * groups, disable=None if progress else True, delay=1.0, unit="group",
+               desc="compare", file=sys.stderr, dynamic_ncols=True, leave=False)
+    try:
+        for e in entries:
+            t0 = time.perf_counter()
+            model = e.model
+            if kaiming and not e.fixed:
+                base = e.model
+
+                def model(base=base):  # the He-initialised variant of the factory
+                    return kaiming_init(base())
+
+                model.__qualname__ = f"{e.spec}+kaiming"
+            parts = []
+            for g in range(groups):
+                bar.set_postfix_str(e.name)
+                if e.fixed:
+                    kw = dict(n_inputs=draws * n_inputs, draws=1, first_draw=g, init="default")
+                else:
+                    kw = dict(n_inputs=n_inputs, draws=draws, first_draw=g * draws, init=engine_init)
+                res = effective_rf(model, input_shape, layer=layers[e.name], reduce=reduce, seed=seed,
+                                   progress=False, **kw, **options)
+                if isinstance(res, dict):
+                    raise ValueError(f"layer: one layer per model in compare, got a list for {e.name!r}")
+                parts.append(res)
+                bar.update(1)
+            side, is_global = _trf_side(parts[0].trf)
+            merged = _merge_all(parts)
+            full = numbers_of(merged, side)
+            loo = [numbers_of(_merge_all(parts[:g] + parts[g + 1:]), side) for g in range(groups)]
+            se = jackknife(full, loo)
+            w = _weights_of(merged)
+            row: dict[str, Any] = {"model": e.name, "pool": e.name, "spec": e.spec, "layer": merged.layer or "output",
+                                   "unit": list(merged.unit),
+                                   "weights": None if not w else os.path.basename(w.get("file") or w.get("path")),
+                                   "weights_sha256": None if not w else w.get("sha256"), "kind": e.kind,
+                                   "locality": "global" if is_global else "local",
+                                   "trf_size": None if side is None else round(side, 3), "trf_global": is_global}
+            for key in NUMBERS:
+                row[key], row[f"{key}_se"] = full[key], se[key]
+            row["n"], row["seconds"] = merged.n, round(time.perf_counter() - t0, 3)
+            rows.append(row)
+            results[e.name] = merged
+    finally:
+        bar.close()
+    shape = "x".join(str(x) for x in input_shape)
+    how = []
+    if any(e.fixed for e in entries):
+        how.append(f"given weights: {groups * draws * n_inputs} inputs")
+    if not all(e.fixed for e in entries):
+        how.append(f"random weights ({init if isinstance(init, str) else 'custom'} init): {groups * draws} draws x "
+                   f"{n_inputs} inputs")
+    layer_text = ", ".join(sorted({r["layer"] for r in rows}))
+    caption = "\n".join(textwrap.wrap(f"ERF of each model's centre unit at {layer_text}, input {shape}, "
+                                       f"reduce={reduce}; {'; '.join(how)}", 64)
+                         + ["dashed box: TRF;  cyan: 2σ ellipse of the fitted Gaussian"])
+    opts = {"models": {e.name: e.spec for e in entries}, "layers": {r["model"]: r["layer"] for r in rows},
+            "input_shape": list(input_shape), "groups": groups, "draws": draws, "n_inputs": n_inputs,
+            "init": init if isinstance(init, str) else getattr(init, "__qualname__", type(init).__name__),
+            "reduce": reduce, "seed": seed, "caption": caption}
     opts.update({k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in options.items()})
     return Comparison(rows=rows, results=results, options=opts, seconds=round(time.perf_counter() - t_start, 3))
 

@@ -198,7 +198,8 @@ def comparison_grid(comp, same_scale: bool = False, cols: int | None = None):
         cb.set_label("share of the gradient mass per pixel", fontsize=9)
     opts = comp.options
     shape = "x".join(str(s) for s in opts.get("input_shape", []))
-    fig.suptitle(f"ERF of the centre unit of pooling_net(module), input {shape}, "
+    fig.suptitle(opts.get("caption") or  # compare(models=...) writes its own
+                 f"ERF of the centre unit of pooling_net(module), input {shape}, "
                  f"{opts.get('init')} init, reduce={opts.get('reduce')}, "
                  f"{opts.get('groups', 0) * opts.get('draws', 0)} weight draws x {opts.get('n_inputs')} inputs\n"
                  "dashed box: TRF;  cyan: 2σ ellipse of the fitted Gaussian", fontsize=10)
@@ -236,6 +237,9 @@ def ratio_bars(comp):
     ax.grid(axis="x", alpha=0.3)
     handles = [Patch(color=c, label=k) for k, c in _KIND_COLORS.items()]
     handles.append(Patch(facecolor="lightgrey", hatch="//", edgecolor="white", label="global unit"))
+    if comp.options.get("models"):  # a comparison of models: no pooling kinds
+        ax.set_title("ERF/TRF ratio per model (± standard error)", fontsize=10)
+        return fig
     ax.legend(handles=handles, fontsize=7, loc="lower right", framealpha=0.9)
     ax.set_title("ERF/TRF ratio per pooling module (± standard error)", fontsize=10)
     return fig
