@@ -3,14 +3,14 @@
 Luo et al., NIPS 2016 (ERF size, ERF/TRF ratio), https://arxiv.org/abs/1701.04128;
 Ding et al., RepLKNet, CVPR 2022 (high-contribution area ratio), https://arxiv.org/abs/2203.06717.
 
-Standard errors of derived numbers (ERF size, sigma, ratios, fit r2, ...) come from splitting
-each run into ``groups`` independent groups of weight draws: group g runs draws
-``g * draws .. (g + 1) * draws - 1`` (disjoint ``first_draw`` ranges, so the groups are
-independent and :meth:`erf.ERFResult.merge` joins them into exactly the run over all draws).
-The value reported is the number computed on the merged map; its standard error is the
-delete-one-group jackknife, ``sqrt((K - 1) / K * sum_g (x_(-g) - mean)^2)`` over the K maps
-that leave one group out (for a plain average it equals the standard deviation of the
-per-group values over sqrt(K), and it also covers nonlinear numbers such as the fit's r2).
+Each module runs ``groups`` groups of weight draws: group g runs draws ``g * draws .. (g + 1) *
+draws - 1`` (disjoint ``first_draw`` ranges; :meth:`erf.ERFResult.merge` joins them into exactly
+the run over all draws). The value reported is the number computed on the merged map; its
+standard error is the delete-one-draw jackknife, ``sqrt((D - 1) / D * sum_d (x_(-d) - mean)^2)``
+over the D maps that leave one weight draw out: the draws are the clusters of
+``ERFResult.stderr``, and for the mean map itself (equal inputs per draw) this jackknife equals
+that cluster-robust error exactly; it also covers nonlinear numbers such as the fit's r2.
+Results without per-draw statistics fall back to leaving one group out.
 """
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def numbers_of(result, trf_side: float | None = None) -> dict[str, float]:
 
 
 def jackknife(full: dict[str, float], leave_out: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Delete-one-group jackknife standard errors: sqrt((K-1)/K sum (x_-g - mean)^2) per key."""
+    """Delete-one-cluster jackknife standard errors: sqrt((K-1)/K sum (x_-g - mean)^2) per key."""
     k = len(leave_out)
     se = {}
     for key in full:
@@ -145,6 +145,28 @@ def jackknife(full: dict[str, float], leave_out: Sequence[dict[str, float]]) -> 
         else:
             se[key] = float(math.sqrt((k - 1) / k * np.sum((vals - vals.mean()) ** 2)))
     return se
+
+
+def leave_one_draw_out(result, j: int):
+    """``result`` with weight draw ``j`` (its position in ``result.clusters``) left out of the map:
+    ``(N m - n_j xbar_j) / (N - n_j)``; analyses are recomputed lazily on the copy."""
+    import copy
+
+    cl = result.clusters
+    N, nj = float(cl.draw_n.sum()), float(cl.draw_n[j])
+    out = copy.copy(result)
+    out.map = (N * result.map - nj * cl.draw_mean[j]) / (N - nj)
+    out._cache = {}
+    return out
+
+
+def _leave_one_out(merged, parts: Sequence[Any], side: float | None) -> list[dict[str, float]]:
+    """The numbers of every leave-one-draw-out map (delete-one-cluster jackknife: the same clusters
+    as ``ERFResult.stderr``); the leave-one-group-out maps when per-draw statistics are missing."""
+    cl = getattr(merged, "clusters", None)
+    if cl is not None and cl.draws >= 2 and np.all(cl.draw_n > 0):
+        return [numbers_of(leave_one_draw_out(merged, j), side) for j in range(len(cl.draw_n))]
+    return [numbers_of(_merge_all(parts[:g] + parts[g + 1:]), side) for g in range(len(parts))]
 
 
 def _merge_all(results: Sequence[Any]):
@@ -288,7 +310,7 @@ def compare(pools: Any = "all", net: Callable[..., nn.Module] | None = None,
 
     Each module runs ``groups`` independent groups of ``draws`` weight draws x ``n_inputs``
     Gaussian inputs (defaults 4 x 3 x 4 = 48 maps, 12 weight draws); numbers come from the merged map and their
-    standard errors from the delete-one-group jackknife (see the module docstring).
+    standard errors from the delete-one-draw jackknife (see the module docstring).
 
     With ``models=`` any models are compared instead (see :func:`compare_models`): two checkpoints
     of one model (before/after training), several backbones, ...
@@ -358,8 +380,7 @@ def compare(pools: Any = "all", net: Callable[..., nn.Module] | None = None,
             side, is_global = _trf_side(trf)
             merged = _merge_all(parts)
             full = numbers_of(merged, side)
-            loo = [numbers_of(_merge_all(parts[:g] + parts[g + 1:]), side) for g in range(groups)]
-            se = jackknife(full, loo)
+            se = jackknife(full, _leave_one_out(merged, parts, side))
             entry = get_entry(name)
             row: dict[str, Any] = {"pool": name, "kind": entry.kind, "locality": entry.locality,
                                    "trf_size": None if side is None else round(side, 3), "trf_global": is_global}
