@@ -567,8 +567,7 @@ def compare_models(models: Any, input_shape: Sequence[int] | None = None, *, gro
             side, is_global = _trf_side(parts[0].trf)
             merged = _merge_all(parts)
             full = numbers_of(merged, side)
-            loo = [numbers_of(_merge_all(parts[:g] + parts[g + 1:]), side) for g in range(groups)]
-            se = jackknife(full, loo)
+            se = jackknife(full, _leave_one_out(merged, parts, side))
             w = _weights_of(merged)
             row: dict[str, Any] = {"model": e.name, "pool": e.name, "spec": e.spec, "layer": merged.layer or "output",
                                    "unit": list(merged.unit),
