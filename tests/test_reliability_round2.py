@@ -443,3 +443,111 @@ def test_item7_ctrl_c_during_import_is_one_line(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in stderr and "interrupted" in stderr, stderr
+
+
+# ============================================================================== item 9: pooling modules
+from erf.pooling import blur as _blur  # noqa: E402
+from erf.pooling.dynopool import DynOPool2d  # noqa: E402
+from erf.pooling.fractional import FractionalMaxPool2d  # noqa: E402
+from erf.pooling.lp import LpPool2d, lp_pool2d  # noqa: E402
+from erf.pooling.rank import MedianPool2d, RankPool2d  # noqa: E402
+from erf.pooling.second_order import isqrt_cov_pool  # noqa: E402
+from erf.pooling.softpool import SoftPool2d, soft_pool2d  # noqa: E402
+from erf.pooling.stochastic import S3Pool2d  # noqa: E402
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1e-5, 1e-3])
+def test_item9_covariance_float32_is_accurate_on_small_features(scale):
+    x = torch.randn(2, 6, 7, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * scale
+    ref = isqrt_cov_pool(x)
+    got = isqrt_cov_pool(x.float()).double()
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-3  # was 2e-2 at 1e-4 and 0.76 at 1e-5
+    assert isqrt_cov_pool(torch.ones(1, 3, 4, 4)).abs().max() == 0  # a constant input: cov 0, no NaN
+
+
+@pytest.mark.parametrize("p", [0.25, 0.5, 0.9, 1.0, 2.0])
+def test_item9_lp_pool_gradients_are_finite_on_exact_zeros(p):
+    x = torch.relu(torch.randn(1, 2, 8, 8, generator=torch.Generator().manual_seed(1))).requires_grad_(True)
+    y = LpPool2d(p, 2)(x)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    ref = (x.detach().abs() ** p).reshape(1, 2, 4, 2, 4, 2).sum((3, 5)) ** (1 / p)  # the definition
+    assert torch.allclose(y.detach(), ref, rtol=1e-5, atol=1e-6)
+    nz = x.detach() > 0  # where |x| > 0 the gradient is the analytic one
+    win = (x.detach() ** p).reshape(1, 2, 4, 2, 4, 2).sum((3, 5), keepdim=True)
+    g = (win ** (1 / p - 1) * x.detach().reshape(1, 2, 4, 2, 4, 2) ** (p - 1)).reshape(1, 2, 8, 8)
+    assert torch.allclose(x.grad[nz], g[nz], rtol=1e-4)
+    assert torch.isfinite(lp_pool2d(torch.zeros(1, 1, 4, 4, requires_grad=True), 0.5)).all()
+
+
+def _support(module, size: int, unit: int, trials: int = 6) -> tuple[int, int]:
+    """Rows whose gradient reaches output row ``unit`` (union over random inputs), as a range."""
+    rows = torch.zeros(size, dtype=torch.bool)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(trials):
+        x = torch.randn(1, 1, size, 5, generator=g, dtype=torch.float64).requires_grad_(True)
+        module(x)[0, 0, unit].sum().backward()
+        rows |= x.grad[0, 0].abs().sum(1) > 0
+    idx = rows.nonzero().flatten()
+    return int(idx.min()), int(idx.max())
+
+
+_BLUR = [("blur", lambda: _blur.BlurPool2d(1), s) for s in (7, 8, 9, 12)] + \
+        [("maxblur", lambda: _blur.MaxBlurPool2d(1), s) for s in (8, 9, 10, 13)] + \
+        [("blur replicate", lambda: _blur.BlurPool2d(1, pad_mode="replicate"), s) for s in (7, 8)]
+
+
+@pytest.mark.parametrize("name,make,size", _BLUR, ids=[f"{b[0]}-{b[2]}" for b in _BLUR])
+def test_item9_blur_rf_spans_hold_the_gradient_support_of_every_unit(name, make, size):
+    m = make().double()
+    n_out = m(torch.zeros(1, 1, size, 5, dtype=torch.float64)).shape[-2]
+    for unit in range(n_out):
+        lo, hi = _support(m, size, unit)
+        first, last = m.rf_input_span(0, unit, unit, size, n_out)
+        assert first <= lo and hi <= last, (unit, (lo, hi), (first, last))  # never smaller than the support
+        if name.startswith("blur"):  # positive weights: the span is the support, clipped to the input
+            assert (max(first, 0), min(last, size - 1)) == (lo, hi)
+    rep = erf.theoretical_rf(nn.Sequential(make()), (1, size, 5), unit=(n_out - 1, 0))
+    lo, hi = _support(m, size, n_out - 1)
+    assert rep.region[0][0] <= lo and hi <= rep.region[0][1], rep.region
+
+
+@pytest.mark.parametrize("size,expected", [(5, 3), (7, 4), (9, 5), (11, 6), (8, 4), (1, 1), (3, 2)])
+def test_item9_dynopool_output_size_rounds_half_up(size, expected):
+    m = DynOPool2d(2.0)
+    assert m(torch.randn(1, 1, size, size)).shape[-2:] == (expected, expected)
+    assert float(m.size_ratio((size, size))) == pytest.approx(1.0)
+
+
+_PAD = [("softpool", lambda: SoftPool2d(2, 2, padding=2)), ("median", lambda: MedianPool2d(3, 2, padding=2)),
+        ("rank", lambda: RankPool2d(3, 2, padding=2)), ("lp", lambda: LpPool2d(2, 2, padding=2)),
+        ("softpool functional", lambda: soft_pool2d(torch.randn(1, 1, 6, 6), 2, 2, padding=2)),
+        ("negative", lambda: SoftPool2d(2, 2, padding=-1))]
+
+
+@pytest.mark.parametrize("name,make", _PAD, ids=[p[0] for p in _PAD])
+def test_item9_unfold_pools_refuse_padding_beyond_half_the_kernel(name, make):
+    with pytest.raises(ValueError, match="padding"):
+        make()
+    assert torch.isfinite(SoftPool2d(2, 2, padding=1)(torch.randn(1, 1, 6, 6))).all()  # k/2 is allowed
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (8, 1), (1, 1), (2, 7)])
+def test_item9_s3_eval_on_one_pixel_maps(shape):
+    x = torch.randn(2, 3, *shape)
+    train = S3Pool2d().train()(x)
+    ev = S3Pool2d().eval()(x)
+    assert ev.shape == train.shape and torch.isfinite(ev).all()
+    if shape[0] == 1:  # one row: the eval map is the column expectation of the k2 s1 max row
+        ref = S3Pool2d().eval()(torch.cat([x, x], -2))
+        assert torch.allclose(ev, ref[..., :1, :], atol=1e-6)
+
+
+def test_item9_fractional_output_size_declares_its_own_stride():
+    m = FractionalMaxPool2d(3, output_size=10).eval()
+    assert m(torch.randn(1, 1, 32, 24)).shape[-2:] == (10, 10)
+    assert m.rf_rule().stride == pytest.approx((3.2, 2.4))
+    rep = erf.theoretical_rf(nn.Sequential(FractionalMaxPool2d(3, output_size=10)), (1, 32, 24))
+    assert rep.jump == pytest.approx((3.2, 2.4)) or tuple(rep.jump) == pytest.approx((3.2, 2.4))
+    with pytest.raises(ValueError, match="forward"):
+        FractionalMaxPool2d(3, output_size=10).rf_rule()

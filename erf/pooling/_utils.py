@@ -34,6 +34,16 @@ def check_4d(x: torch.Tensor, name: str = "input") -> None:
         raise ValueError(f"{name} must be a tensor of shape (N, C, H, W), got {shape}")
 
 
+def check_padding(padding, kernel_size) -> None:
+    """``ValueError`` unless ``0 <= padding <= kernel_size / 2`` per axis (torch's rule for pooling):
+    a larger padding gives windows that lie wholly in the padding (NaN / -inf outputs)."""
+    pads, ks = pair(padding), pair(kernel_size)
+    for p, k in zip(pads, ks):
+        if isinstance(p, bool) or not isinstance(p, int) or p < 0 or 2 * p > k:
+            raise ValueError(f"padding must be an int between 0 and kernel_size/2 = {k / 2:g} (windows wholly "
+                             f"in the padding have no input), got padding={padding!r} for kernel_size={kernel_size!r}")
+
+
 def windows(x: torch.Tensor, kernel_size, stride, padding=0, pad_value: float = 0.0) -> torch.Tensor:
     """Pooling windows of ``x`` as a ``(N, C, H_out, W_out, kh * kw)`` tensor (row-major taps).
 
@@ -42,6 +52,7 @@ def windows(x: torch.Tensor, kernel_size, stride, padding=0, pad_value: float = 
     kh, kw = pair(kernel_size)
     sh, sw = pair(stride)
     ph, pw = pair(padding)
+    check_padding(padding, kernel_size)
     if ph or pw:
         x = F.pad(x, (pw, pw, ph, ph), value=pad_value)
     u = x.unfold(2, kh, sh).unfold(3, kw, sw)
@@ -58,6 +69,7 @@ class WindowPool2d(nn.Module):
     def __init__(self, kernel_size=2, stride=None, padding=0) -> None:
         super().__init__()
         check_positive("kernel_size", kernel_size)
+        check_padding(padding, kernel_size)
         self.kernel_size, self.padding = kernel_size, padding
         self.stride = kernel_size if stride is None else stride
 

@@ -41,6 +41,22 @@ def blur_pool2d(x: torch.Tensor, filt_size: int = 4, stride: int = 2,
     return F.conv2d(x, k, stride=stride, groups=c)
 
 
+def _padded_span(first: int, last: int, n: int, mode: str) -> tuple[int, int]:
+    """The input indices that padded positions ``first..last`` (input coordinates) read, as a range."""
+    idx = range(first, last + 1)
+    if mode == "reflect" and n > 1:
+        period = 2 * (n - 1)
+        mapped = [abs(((i % period) + period) % period) for i in idx]
+        mapped = [m if m < n else period - m for m in mapped]
+    elif mode == "replicate":
+        mapped = [min(max(i, 0), n - 1) for i in idx]
+    elif mode == "circular":
+        mapped = [i % n for i in idx]
+    else:  # zeros: positions outside the input read nothing (reported as the plain window)
+        return first, last
+    return min(mapped), max(mapped)
+
+
 class BlurPool2d(nn.Module):
     """See :func:`blur_pool2d`."""
 
@@ -55,7 +71,15 @@ class BlurPool2d(nn.Module):
         return blur_pool2d(x, self.filt_size, self.stride, self.pad_mode)
 
     def rf_rule(self) -> RFRule:
-        return RFRule.make(self.filt_size, self.stride, (self.filt_size - 1) // 2)
+        return RFRule.make(self.filt_size, self.stride, (self.filt_size - 1) // 2,
+                           note=f"{self.pad_mode} padding: exact spans via rf_input_span")
+
+    def rf_input_span(self, axis: int, lo: int, hi: int, in_size: int, out_size: int) -> tuple[int, int]:
+        """Exact inclusive input range of outputs ``lo..hi``: the padded taps mapped back into the input
+        (reflect padding at the end reaches ``2(n-1) - i``, inside the rule's window's left edge for
+        odd sizes, so the plain rule missed a pixel of the border units)."""
+        return _padded_span(lo * self.stride - (self.filt_size - 1) // 2,
+                            hi * self.stride - (self.filt_size - 1) // 2 + self.filt_size - 1, in_size, self.pad_mode)
 
     def extra_repr(self) -> str:
         return f"filt_size={self.filt_size}, stride={self.stride}, pad_mode={self.pad_mode!r}"
@@ -76,7 +100,14 @@ class MaxBlurPool2d(nn.Module):
 
     def rf_rule(self) -> RFRule:
         b = self.blur
-        return RFRule.make(b.filt_size + self.kernel_size - 1, b.stride, (b.filt_size - 1) // 2)
+        return RFRule.make(b.filt_size + self.kernel_size - 1, b.stride, (b.filt_size - 1) // 2,
+                           note=f"{b.pad_mode} padding: exact spans via rf_input_span")
+
+    def rf_input_span(self, axis: int, lo: int, hi: int, in_size: int, out_size: int) -> tuple[int, int]:
+        """Exact inclusive input range: the blur's span on the max map (``n - k + 1`` long), widened by ``k - 1``."""
+        mid = in_size - self.kernel_size + 1
+        first, last = self.blur.rf_input_span(axis, lo, hi, mid, out_size)
+        return first, last + self.kernel_size - 1
 
 
 _ZHANG = ("Zhang, Making Convolutional Networks Shift-Invariant Again, ICML 2019. "

@@ -5,7 +5,8 @@ https://arxiv.org/abs/2205.15254 (no official code: constants below are this lib
 
 Definition used here (per spatial axis, input pixel centres at 0 .. H-1):
 - learnable ``alpha = 1/r`` (the paper's reparameterisation), initial ``stride``;
-- output size ``H_out = round(H / alpha)`` with a straight-through estimator
+- output size ``H_out = floor(H / alpha + 1/2)`` (the paper's rounding, half up: 5, 7, 9 -> 3, 4, 5
+  at alpha 2, where ``torch.round``'s half-to-even gave 2, 4, 4) with a straight-through estimator
   ``H_out + H/alpha - sg(H/alpha)`` so ``alpha`` gets a gradient;
 - cell centres ``p_i = (i + 1/2) H / H_out - 1/2``; learnable offset ``delta`` (in input pixels),
   initial ``alpha / 4 = 1/(4r)``;
@@ -41,6 +42,11 @@ def _bilinear_axis(x: torch.Tensor, q: torch.Tensor, dim: int) -> torch.Tensor:
     return x.index_select(dim, i0) * (1 - f) + x.index_select(dim, i0 + 1) * f
 
 
+def _round_half_up(v: torch.Tensor) -> torch.Tensor:
+    """``floor(v + 1/2)``: rounding as the paper writes it (``torch.round`` rounds half to even)."""
+    return torch.floor(v + 0.5)
+
+
 class DynOPool2d(nn.Module):
     """DynOPool: ``y_ij = max`` of 4 bilinear samples at ``(p_i +- delta_h, p_j +- delta_w)``.
 
@@ -71,9 +77,9 @@ class DynOPool2d(nn.Module):
         self.last_input_size: tuple[int, int] | None = None
 
     def _out_size(self, in_size: int, axis: int) -> torch.Tensor:
-        """Straight-through output size: value ``round(H / alpha)`` (>= 1), gradient of ``H / alpha``."""
+        """Straight-through output size: value ``floor(H / alpha + 1/2)`` (>= 1), gradient of ``H / alpha``."""
         cont = in_size / self.alpha[axis]
-        return cont + (cont.detach().round().clamp_min(1) - cont).detach()
+        return cont + (_round_half_up(cont.detach()).clamp_min(1) - cont).detach()
 
     def _queries(self, in_size: int, axis: int, dtype: torch.dtype) -> torch.Tensor:
         """Query coordinates ``(H_out, 2)``: ``p_i - delta``, ``p_i + delta``."""
@@ -101,7 +107,7 @@ class DynOPool2d(nn.Module):
         if size is None:
             raise ValueError("size_ratio needs input_size or a previous forward pass")
         now = self._out_size(size[0], 0) * self._out_size(size[1], 1)
-        init = [max(1.0, round(size[a] / float(self.alpha0[a]))) for a in (0, 1)]
+        init = [max(1.0, math.floor(size[a] / float(self.alpha0[a]) + 0.5)) for a in (0, 1)]
         return now / (init[0] * init[1])
 
     def rf_rule(self) -> RFRule:

@@ -75,13 +75,21 @@ class FractionalMaxPool2d(nn.Module):
             else:
                 _random_samples = self.eval_samples.to(x.device, x.dtype).expand(n, c, 2)
         self._dtype = x.dtype
+        self._sizes = ((h, out[0]), (w, out[1]))
         return F.fractional_max_pool2d(x, self.kernel_size, output_size=out,
                                        _random_samples=_random_samples.to(x.dtype))
 
     def rf_rule(self) -> RFRule:
-        rh, rw = pair(self.output_ratio)
-        return RFRule.make(self.kernel_size, (1 / rh, 1 / rw), 0,
-                           note="irregular windows: see rf_input_span")
+        if self.output_size is not None:  # the mean stride is in/out of the last forward
+            sizes = getattr(self, "_sizes", None)
+            if sizes is None:
+                raise ValueError("FractionalMaxPool2d(output_size=...): the stride depends on the input size; "
+                                 "run a forward pass first (the TRF analyser does)")
+            stride = tuple(i / o for i, o in sizes)
+        else:
+            rh, rw = pair(self.output_ratio)
+            stride = (1 / rh, 1 / rw)
+        return RFRule.make(self.kernel_size, stride, 0, note="irregular windows: see rf_input_span")
 
     def rf_input_span(self, axis: int, lo: int, hi: int, in_size: int, out_size: int) -> tuple[int, int]:
         """Exact inclusive input range of output indices ``lo..hi`` on ``axis`` (eval samples)."""

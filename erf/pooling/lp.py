@@ -32,8 +32,11 @@ def lp_pool2d(x: torch.Tensor, p: float = 2.0, kernel_size=2, stride=None, paddi
     a = x.abs()
     tiny = torch.finfo(x.dtype).tiny
     m = a.detach().amax(dim=(-2, -1), keepdim=True).clamp_min(tiny)
-    s = F.avg_pool2d((a / m) ** p, kernel_size, stride, padding, count_include_pad=True,
-                     divisor_override=1)
+    t = a / m
+    # |x|^p has an infinite slope at 0 for p < 1: pow's gradient there (inf) times abs's (0) was NaN
+    # on post-ReLU zeros; the subgradient 0 is taken instead (the power is only evaluated where t > 0)
+    tp = torch.where(t > 0, t.clamp_min(tiny) ** p, torch.zeros_like(t)) if p < 1 else t ** p
+    s = F.avg_pool2d(tp, kernel_size, stride, padding, count_include_pad=True, divisor_override=1)
     return m * s.clamp_min(tiny) ** (1.0 / p)
 
 

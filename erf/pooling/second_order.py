@@ -32,7 +32,10 @@ def isqrt_cov_pool(x: torch.Tensor, iterations: int = 5) -> torch.Tensor:
     f = f - f.mean(-1, keepdim=True)
     cov = f @ f.transpose(1, 2) / f.shape[-1]
     eye = torch.eye(c, dtype=x.dtype, device=x.device).expand(n, c, c)
-    tr = cov.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(torch.finfo(x.dtype).eps).view(n, 1, 1)
+    # no eps clamp (the authors' code has none): a clamp at float32 eps (1.2e-7) left the trace of
+    # small features (scale 1e-4: trace ~1e-8) unnormalised and Newton-Schulz wrong; only a zero
+    # trace (constant input, cov = 0) is kept from dividing by zero
+    tr = cov.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(torch.finfo(x.dtype).tiny).view(n, 1, 1)
     y, z = cov / tr, eye
     for _ in range(iterations):
         t = 0.5 * (3 * eye - z @ y)

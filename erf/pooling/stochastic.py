@@ -86,8 +86,11 @@ class S3Pool2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
-            m = F.max_pool2d(x, 2, 1)
-            return F.avg_pool2d(m, 2, 2, 1, count_include_pad=False)
+            # an axis of size 1 is kept as it is (training keeps its one row/column too)
+            k = tuple(2 if n > 1 else 1 for n in x.shape[-2:])
+            m = F.max_pool2d(x, k, 1)
+            return F.avg_pool2d(m, k, k, tuple(v - 1 for v in k),
+                                count_include_pad=False)
         m = F.max_pool2d(F.pad(x, (0, 1, 0, 1), value=float("-inf")), 2, 1)
         rows = _s3_indices(x.shape[-2], self.grid_size, x.device)
         cols = _s3_indices(x.shape[-1], self.grid_size, x.device)
