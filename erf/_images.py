@@ -7,7 +7,7 @@ Where the images come from (``images:SPEC``):
   names), which is the order RepLKNet's ``visualize_erf.py`` reads ImageNet's ``val/CLASS/*``;
 - a text file (``.txt``/``.lst``): one path per line, relative to the list's folder, used in the
   listed order (blank lines and ``#`` comments ignored);
-- a glob (``data/**/*.JPEG``): the matches, sorted (``**`` recurses).
+- a glob (``data/**/*.JPEG``): the matches, sorted (``**`` recurses); or one image file.
 
 ``n_inputs`` takes the FIRST n readable files of that order (no sampling); the count actually
 used is reported (``ImageInputs.n``, the config's ``n_inputs``) with a warning when fewer exist.
@@ -158,13 +158,15 @@ def list_images(spec: str) -> tuple[str, list[str]]:
         if not files:
             raise ValueError(f"inputs: image list {spec!r} names no files")
         return "list", files
+    if os.path.isfile(path):
+        return "file", [path]
     if glob.has_magic(path):
         files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
         if not files:
             raise ValueError(f"inputs: no files match the glob {spec!r}")
         return "glob", files
     raise ValueError(f"inputs: image folder {spec!r} does not exist (images: takes a folder, a .txt list of "
-                     "files or a glob)")
+                     "files, a glob or one image file)")
 
 
 # ------------------------------------------------------------------------------ decoding

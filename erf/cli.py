@@ -188,8 +188,11 @@ def _model_for(args, spec, input_shape):
 def _engine_kwargs(args) -> dict[str, Any]:
     from erf.models import parse_unit
 
-    kw: dict[str, Any] = {"reduce": args.reduce, "method": args.method, "seed": args.seed,
+    kw: dict[str, Any] = {"method": args.method, "seed": args.seed,
                           "progress": _progress(args), "device": args.device, "batch_size": args.batch_size}
+    if args.reduce is not None:
+        kw["reduce"] = args.reduce
+    kw.update(_image_kwargs(args))
     if args.inputs is not None:
         kw["inputs"] = args.inputs
     if args.n_inputs is not None:
@@ -226,6 +229,47 @@ def _engine_kwargs(args) -> dict[str, Any]:
     return kw
 
 
+def _image_kwargs(args) -> dict[str, Any]:
+    """``protocol`` and ``preprocess`` from --protocol, --preprocess, --interpolation, --mean, --std,
+    --crop-pct, --no-exif, --strict (only the options given: a protocol fills the rest)."""
+    kw: dict[str, Any] = {}
+    if getattr(args, "protocol", None):
+        kw["protocol"] = args.protocol
+    pp: dict[str, Any] = {}
+    given = {k: getattr(args, k, None) for k in ("interpolation", "mean", "std", "crop_pct")}
+    if getattr(args, "preprocess", None) == "timm":
+        if any(v is not None for v in given.values()):
+            raise UsageError("--preprocess timm takes the model's own data config: drop --interpolation, "
+                             "--mean, --std and --crop-pct (or use --preprocess crop|squash)")
+        kw["preprocess"] = "timm"
+    elif getattr(args, "preprocess", None):
+        pp["resize"] = args.preprocess
+    if given["interpolation"] is not None:
+        pp["interpolation"] = given["interpolation"]
+    for key in ("mean", "std"):
+        if given[key] is not None:
+            try:
+                pp[key] = tuple(float(v) for v in given[key].split(","))
+            except ValueError:
+                raise ValueError(f"--{key} must be comma-separated numbers such as 0.485,0.456,0.406, "
+                                 f"got {given[key]!r}") from None
+    if given["crop_pct"] is not None:
+        pp["crop_pct"] = given["crop_pct"]
+    if getattr(args, "no_exif", False):
+        pp["exif"] = False
+    if getattr(args, "strict", False):
+        pp["strict"] = True
+    if pp:
+        inputs = getattr(args, "inputs", None) or ""
+        if not inputs.startswith("images:"):
+            raise UsageError("--preprocess, --interpolation, --mean, --std, --crop-pct, --no-exif and --strict "
+                             "apply to --inputs images:... only")
+        if "preprocess" in kw:
+            raise UsageError("--preprocess timm cannot be combined with --no-exif/--strict")
+        kw["preprocess"] = pp
+    return kw
+
+
 def _input_shape(args, spec) -> tuple[int, ...]:
     from erf.models import parse_input_shape
 
@@ -253,10 +297,12 @@ def cmd_map(args) -> Outcome:
         o.summary.update({"model": spec.spec, "seconds": round(seconds, 3)})
         if (result.meta.get("provenance") or {}).get("weights"):
             o.summary["weights"] = result.meta["provenance"]["weights"]
-        rows = [{"quantity": k, "value": v} for k, v in o.summary.items() if k not in ("config", "weights")]
+        rows = [{"quantity": k, "value": v} for k, v in o.summary.items()
+                if k not in ("config", "weights", "provenance", "protocol")]
         if "weights" in o.summary:
             w = o.summary["weights"]
             rows.append({"quantity": "weights", "value": f"{os.path.basename(w['path'])} (sha256 {w['sha256'][:16]})"})
+        rows += _essentials_rows(o.summary)
         o.text = _markdown(rows, ["quantity", "value"])
 
     # the .npz first (the run itself); the figure is drawn only when it is written, and a failure
@@ -283,6 +329,29 @@ def _map_figure_writer(spec, result, failed: list[str]) -> Callable[[str], Any]:
 
 
 _SKIPPED = object()  # a writer's answer when its optional file was not written
+
+
+def _essentials_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Protocol metrics and provenance as flat table rows (the JSON summary keeps them nested)."""
+    rows: list[dict[str, Any]] = []
+    proto = summary.get("protocol")
+    if proto:
+        rows.append({"quantity": "protocol", "value": proto["name"] + (" (modified: " + ", ".join(proto["overridden"])
+                                                                       + ")" if proto.get("overridden") else "")})
+        for k, v in proto["metrics"].items():
+            if k == "protocol":
+                continue
+            if isinstance(v, dict):
+                v = ", ".join(f"{kk}: {'—' if vv is None else (format(vv, '.4g') if isinstance(vv, float) else vv)}"
+                              for kk, vv in v.items())
+            rows.append({"quantity": f"{proto['name']} {k}", "value": v})
+    prov = summary.get("provenance") or {}
+    from erf.plot import provenance_caption
+
+    cap = provenance_caption(prov, width=10**6)
+    if cap:
+        rows.append({"quantity": "provenance", "value": cap})
+    return rows
 
 
 def _map_title(spec, result) -> str:
@@ -322,6 +391,17 @@ def _result_summary(result, failed: list[str] | None = None) -> dict[str, Any]:
     out["erf_trf_ratio"] = None if not ratio else float(ratio["overall"])
     out["anisotropy"] = float(met["anisotropy"])
     out["area_ratio"] = {str(k): (None if v is None else float(v)) for k, v in met["area_ratio"].items()}
+    out["area_ratio_kind"] = "raw map, centred squares from side 1 around the TRF centre, >= (not RepLKNet's)"
+    proto = result.config.get("protocol")
+    if isinstance(proto, dict) and proto.get("name"):
+        from erf.protocols import score
+
+        out["protocol"] = {"name": proto["name"], "overridden": proto.get("overridden", {}),
+                           "metrics": _optional(f"{proto['name']} metrics", failed,
+                                                lambda: score(result, proto["name"])) or {}}
+    prov = result.meta.get("provenance")
+    if prov:
+        out["provenance"] = prov
     return out
 
 
@@ -330,7 +410,7 @@ def cmd_compare(args) -> Outcome:
     from erf.compare import compare
     from erf.models import parse_input_shape
 
-    kw: dict[str, Any] = {"progress": _progress(args), "seed": args.seed, "reduce": args.reduce,
+    kw: dict[str, Any] = {"progress": _progress(args), "seed": args.seed, "reduce": args.reduce or "abs",
                           "device": args.device, "batch_size": args.batch_size}
     for name in ("groups", "draws", "n_inputs"):
         if getattr(args, name) is not None:
@@ -522,6 +602,25 @@ _EPILOG = {
 }
 
 
+def _add_protocol_options(p: argparse.ArgumentParser) -> None:
+    from erf.protocols import PROTOCOLS
+
+    g = p.add_argument_group("published protocols and images (erf.protocols, erf._images)")
+    g.add_argument("--protocol", choices=sorted(PROTOCOLS),
+                   help="fix every option the published method fixes (explicit options override and are recorded): "
+                        "replknet (Ding et al. 2022), openerf (OpenERF), luo2016 (Luo et al. 2016)")
+    g.add_argument("--preprocess", choices=("crop", "squash", "timm"),
+                   help="images: crop = shorter side + centre crop (default), squash = resize to the input shape, "
+                        "timm = the model's timm data config")
+    g.add_argument("--interpolation", choices=("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"),
+                   help="images: resampling filter (default bilinear)")
+    g.add_argument("--mean", metavar="M,M,M", help="images: normalisation mean (default ImageNet's)")
+    g.add_argument("--std", metavar="S,S,S", help="images: normalisation std (default ImageNet's)")
+    g.add_argument("--crop-pct", type=_positive_float, metavar="F", help="images: crop share (default 1.0)")
+    g.add_argument("--no-exif", action="store_true", help="images: ignore the EXIF orientation")
+    g.add_argument("--strict", action="store_true", help="images: refuse unreadable files (exit 2) instead of skipping")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``erf`` argument parser (subcommands map, compare, trf, theory, growth, pools)."""
     p = _Parser(prog="erf", description="Effective receptive fields of PyTorch networks (Luo et al. 2016).",
@@ -544,12 +643,14 @@ def build_parser() -> argparse.ArgumentParser:
     run = _Parser(add_help=False)
     r = run.add_argument_group("measurement (as erf.effective_rf)")
     r.add_argument("--input-shape", metavar="CxHxW", help="input shape, e.g. 3x64x64 (default: suits the model)")
-    r.add_argument("--inputs", help="gaussian, uniform or images:DIR (default gaussian)")
+    r.add_argument("--inputs", help="gaussian, uniform or images:DIR|LIST.txt|GLOB (default gaussian); images: "
+                                    "the first --n-inputs readable files, folders read recursively")
     r.add_argument("--n-inputs", type=_positive_int, help="inputs per weight draw")
     r.add_argument("--draws", type=_positive_int, help="random weight draws")
     r.add_argument("--init", choices=("default", "ones", "normal", "kaiming"),
                    help="default, ones, normal or kaiming (He-normal convs, zero biases)")
-    r.add_argument("--reduce", choices=("abs", "mean", "square", "relu"), default="abs", help="gradient -> map")
+    r.add_argument("--reduce", choices=("abs", "mean", "square", "relu", "relu_of_mean"), default=None,
+                   help="gradient -> map (default abs, or the protocol's)")
     r.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     r.add_argument("--seed", type=int, default=0, help="seed of every random stream (default 0)")
     r.add_argument("--batch-size", type=_positive_int, help="batch size (default: auto)")
@@ -567,6 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="ERF heatmap of one unit: figure + .npz + summary.", epilog=_EPILOG["map"],
                        formatter_class=fmt)
     m.add_argument("model", metavar="MODEL")
+    _add_protocol_options(m)
     m.add_argument("--channel", help="channel(s) of the unit, e.g. 3 or 0,5 (default: sum over channels)")
     m.add_argument("--method", default="gradient",
                    choices=("gradient", "guided_backprop", "deconvolution", "integrated_gradients"))
@@ -642,7 +744,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 # The engine names its arguments as in Python; on the command line the option is named instead.
-_OPTION_OF = {"input_shape": "--input-shape", "n_inputs": "--n-inputs", "batch_size": "--batch-size",
+_OPTION_OF = {"protocol": "--protocol", "preprocess": "--preprocess", "input_shape": "--input-shape", "n_inputs": "--n-inputs", "batch_size": "--batch-size",
               "until_stderr": "--until-stderr", "checkpoint_every": "--checkpoint-every", "unit": "--unit",
               "channel": "--channel", "layer": "--layer", "inputs": "--inputs", "device": "--device",
               "draws": "--draws", "checkpoint": "--checkpoint", "reduce": "--reduce", "method": "--method",

@@ -411,3 +411,42 @@ def growth_figure(series: dict, slopes: dict, k: int = 3):
     fig.suptitle("Luo et al. (2016): ERF grows as sqrt(depth), TRF linearly "
                  "(linear: uniform weights; relu/tanh: random N(0, 1/fan_in) weights)", fontsize=10)
     return fig
+
+
+def provenance_caption(prov: dict | None, width: int = 150) -> str:
+    """One or two lines naming what produced a map (``meta["provenance"]``): the inputs (kind, folder,
+    files used/skipped, the first 12 hex digits of the file-list hash), the preprocessing, the
+    weights (file and sha256 prefix, or the model's own initialisation), the protocol and versions."""
+    import os
+
+    if not prov:
+        return ""
+    parts = []
+    inp = prov.get("inputs") or {}
+    if inp.get("files_used") is not None:
+        pp = inp.get("preprocess") or {}
+        desc = f"images {os.path.basename(os.path.normpath(inp.get('path', '')))!s}: {inp['files_used']} files"
+        if inp.get("skipped"):
+            desc += f" ({inp['skipped']} unreadable skipped)"
+        desc += f", list sha256 {str(inp.get('files_sha256', ''))[:12]}"
+        if pp:
+            desc += f"; {pp.get('resize')} {pp.get('interpolation')}" + (
+                f", crop {pp.get('crop_pct')}" if pp.get("resize") != "squash" else "")
+        parts.append(desc)
+    elif inp:
+        parts.append(f"inputs {inp.get('kind')} x {inp.get('n')}")
+    w = prov.get("weights")
+    if isinstance(w, dict) and w.get("file"):
+        parts.append(f"weights {os.path.basename(w['file'])} sha256 {str(w.get('sha256', ''))[:12]}")
+    else:
+        parts.append("weights: own initialisation")
+    if prov.get("protocol"):
+        parts.append(f"protocol {prov['protocol']}")
+    v = prov.get("versions") or {}
+    parts.append(" / ".join(f"{k} {v[k]}" for k in ("erf", "torch", "timm") if v.get(k)))
+    text = ";  ".join(parts)
+    if len(text) > width:  # break once, at a separator near the middle
+        cut = text.rfind(";  ", 0, width)
+        if cut > 0:
+            text = text[:cut] + "\n" + text[cut + 3:]
+    return text
