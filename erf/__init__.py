@@ -29,10 +29,15 @@ _LAZY = {
     "Comparison": "erf.compare",
     "diff": "erf.compare",
     "load_weights": "erf.weights",
+    "train": "erf.training",
+    "TrainingRun": "erf.training",
+    "load_run": "erf.training",
 }
-_SUBMODULES = {"theory", "pooling", "nets", "fit", "trf", "engine", "plot", "cli", "compare"}
+_SUBMODULES = {"theory", "pooling", "nets", "fit", "trf", "engine", "plot", "cli", "compare", "tasks", "training",
+               "studies"}
 
-__all__ = sorted(list(_LAZY) + sorted(_SUBMODULES - {"cli", "engine", "plot", "compare", "fit", "trf"}) + ["__version__"])
+__all__ = sorted(list(_LAZY) + sorted(_SUBMODULES - {"cli", "engine", "plot", "compare", "fit", "trf", "training"})
+                 + ["__version__"])
 
 
 def __getattr__(name: str) -> Any:

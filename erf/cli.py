@@ -1,4 +1,4 @@
-"""Command-line interface: ``erf map|compare|trf|theory|growth|pools``.
+"""Command-line interface: ``erf map|compare|trf|theory|growth|pools|train|study``.
 
 ``main(argv) -> int`` parses, runs one command and writes its files; ``erf``, ``python -m erf``
 and ``python cli.py`` all call :func:`main_entry`. Each command is a pure function of its
@@ -151,14 +151,6 @@ def _markdown(rows: list[dict[str, Any]], columns: Sequence[str], fmt: dict[str,
                 cells.append("—" if v is None else str(v))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _slope(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
-    """Least-squares slope and intercept of log y against log x."""
-    import numpy as np
-
-    s, b = np.polyfit(np.log(np.asarray(x, float)), np.log(np.asarray(y, float)), 1)
-    return float(s), float(b)
 
 
 # ------------------------------------------------------------------------------ model + engine options
@@ -461,67 +453,26 @@ def cmd_trf(args) -> Outcome:
 
 
 def cmd_theory(args) -> Outcome:
-    """Linear stacks against the closed forms: uniform weights vs the multinomial profile, and the
-    ``square`` map of random weights vs the same shape (Luo et al. 2016)."""
-    import numpy as np
-    import torch
-
-    from erf import theory
-    from erf._stats import t_to_z
-    from erf.engine import effective_rf
-    from erf.nets import conv_stack
-    from erf.plot import theory_figure
+    """Linear stacks against the closed forms (:func:`erf.studies.theory`): uniform weights vs the
+    multinomial profile, and the ``square`` map of random weights vs the same shape (Luo et al. 2016)."""
+    from erf.studies import theory
 
     n, k = args.depth, args.k
-    trf = n * (k - 1) + 1
-    side = trf + 2 * max(4, trf // 4)
-    shape = (1, side, side)
-    layers = [theory.Layer.uniform(k, ndim=2)] * n
-    prof = np.array(theory.binomial_profile(n, k), dtype=np.float64)
-    expected = np.outer(prof, prof)
-    sigma_th = float(theory.gaussian_sigma(layers)[0])
-    common = {"progress": _progress(args), "device": args.device, "seed": args.seed}
-    uni = effective_rf(lambda: conv_stack(n, k), shape, init="ones", reduce="mean", n_inputs=1,
-                       dtype=torch.float64, **common)
-    rnd = effective_rf(lambda: conv_stack(n, k, width=args.width, in_channels=1), shape, init="normal", reduce="square",
-                       n_inputs=1, draws=args.draws, **common)
-    c = side // 2
-    lo = c - (trf - 1) // 2
-    win = (slice(lo, lo + trf), slice(lo, lo + trf))
-    cases = []
-    for name, res in (("uniform weights, reduce=mean", uni), ("random N(0,1/fan_in), reduce=square", rnd)):
-        m = res.map[win]
-        total = float(m.sum())
-        # clustered error of the shape m / total, the total's uncertainty included (erf._stats)
-        meas, se = m / total, res.shape_stderr(win) if hasattr(res, "shape_stderr") else res.stderr[win] / total
-        th = expected / expected.sum()
-        resid = meas - th
-        with np.errstate(divide="ignore", invalid="ignore"):
-            z = np.where(se > 0, t_to_z(resid / np.where(se > 0, se, 1), max(getattr(res, "stderr_df", 1), 1)), 0.0)
-        outside = float(np.abs(res.map).sum() - np.abs(m).sum()) / max(abs(total), 1e-300)
-        cases.append({"case": name, "depth": n, "k": k, "trf": trf, "n": res.n,
-                      "sigma_measured": float(res.moments.sigma[0]), "sigma_theory": sigma_th,
-                      "max_abs_residual": float(np.abs(resid).max() / th.max()),
-                      "max_abs_z": float(np.abs(z).max()) if res.n > 1 else None,
-                      "mass_outside_trf": outside, "_meas": meas, "_theory": th, "_se": se})
-    fig = theory_figure(cases)
-    rows = [{k2: v for k2, v in cs.items() if not k2.startswith("_")} for cs in cases]
-    text = _markdown(rows, ["case", "depth", "k", "trf", "n", "sigma_measured", "sigma_theory", "max_abs_residual",
-                            "max_abs_z"], {"sigma_measured": ".5f", "sigma_theory": ".5f", "max_abs_residual": ".2e",
-                                           "max_abs_z": ".2f"})
-    summary = _jsonable({"depth": n, "k": k, "input_shape": list(shape), "rows": rows})
-    files = [(_out_path(args, f"theory_n{n}_k{k}"), _figure_writer(fig)),
+    result = theory(depth=n, k=k, draws=args.draws, width=args.width, device=args.device, seed=args.seed,
+                    progress=_progress(args))
+    rows, cols, fmts = result.tables["cases"]
+    text = _markdown(rows, cols, fmts)
+    summary = _jsonable({"depth": n, "k": k, "input_shape": result.config["input_shape"],
+                         "rows": [{k2: v for k2, v in cs.items() if not k2.startswith("_")} for cs in rows]})
+    files = [(_out_path(args, f"theory_n{n}_k{k}"), _figure_writer(result.figure())),
              (_out_path(args, f"theory_n{n}_k{k}", "md"), _text_writer(text))]
     return Outcome(summary, text, files)
 
 
 def cmd_growth(args) -> Outcome:
-    """ERF size and TRF size against depth (log-log), with fitted slopes, for linear/ReLU/tanh stacks."""
-    import torch
-
-    from erf.engine import effective_rf
-    from erf.nets import conv_stack
-    from erf.plot import growth_figure
+    """ERF size and TRF size against depth (log-log), with fitted slopes (:func:`erf.studies.growth`)."""
+    from erf.studies import growth
+    from erf.studies.linear import growth_text
 
     try:
         depths = sorted({int(d) for d in args.depths.split(",")})
@@ -532,49 +483,80 @@ def cmd_growth(args) -> Outcome:
     acts = [a.strip() for a in args.acts.split(",") if a.strip()]
     if not acts:
         raise ValueError(f"--acts needs at least one of linear or an activation name, got {args.acts!r}")
-    from erf.nets import _ACTIVATIONS
-
-    for a in acts:
-        if a != "linear" and a not in _ACTIVATIONS:
-            raise ValueError(f"--acts: unknown activation {a!r}; valid: linear, {', '.join(sorted(_ACTIVATIONS))}")
-    rows = []
-    series: dict[str, dict[str, list[float]]] = {}
-    for act in acts:
-        s = series.setdefault(act, {"depth": [], "erf": [], "trf": [], "ratio": []})
-        for n in depths:
-            trf_side = n * (args.k - 1) + 1
-            side = trf_side + 2 * max(8, trf_side // 4)
-            shape = (1, side, side)
-            if act == "linear":  # uniform weights: exact with one input
-                res = effective_rf(lambda n=n: conv_stack(n, args.k), shape, init="ones", reduce="mean", n_inputs=1,
-                                   dtype=torch.float64, progress=_progress(args), device=args.device, seed=args.seed)
-            else:
-                res = effective_rf(lambda n=n, act=act: conv_stack(n, args.k, width=args.width, act=act, in_channels=1), shape,
-                                   init="normal", reduce="abs", n_inputs=args.n_inputs, draws=args.draws,
-                                   progress=_progress(args), device=args.device, seed=args.seed)
-            trf = res.trf
-            size = float(trf.size[0]) if trf is not None else float(trf_side)
-            erf_size = res.metrics["erf_size"]
-            rows.append({"act": act, "depth": n, "trf_size": size, "erf_size": erf_size,
-                         "erf_trf_ratio": erf_size / size, "sigma": float(res.moments.sigma[0]), "n": res.n})
-            s["depth"].append(n)
-            s["erf"].append(erf_size)
-            s["trf"].append(size)
-            s["ratio"].append(erf_size / size)
-    slopes = {}
-    for act, s in series.items():
-        slopes[act] = {"erf_slope": _slope(s["depth"], s["erf"])[0], "trf_slope": _slope(s["depth"], s["trf"])[0],
-                       "ratio_slope": _slope(s["depth"], s["ratio"])[0]}
-    fig = growth_figure(series, slopes, k=args.k)
-    text = _markdown(rows, ["act", "depth", "trf_size", "erf_size", "erf_trf_ratio", "sigma", "n"],
-                     {"erf_size": ".3f", "erf_trf_ratio": ".4f", "sigma": ".3f", "trf_size": ".0f"})
-    slope_rows = [{"act": a, **v} for a, v in slopes.items()]
-    text += "\nlog-log slopes against depth (theory for linear stacks: ERF 0.5, TRF 1, ratio -0.5)\n\n"
-    text += _markdown(slope_rows, ["act", "erf_slope", "trf_slope", "ratio_slope"],
-                      {"erf_slope": ".3f", "trf_slope": ".3f", "ratio_slope": ".3f"})
-    summary = _jsonable({"k": args.k, "depths": depths, "rows": rows, "slopes": slopes})
-    files = [(_out_path(args, "growth"), _figure_writer(fig)), (_out_path(args, "growth", "md"), _text_writer(text))]
+    try:
+        result = growth(depths, acts, k=args.k, width=args.width, draws=args.draws, n_inputs=args.n_inputs,
+                        device=args.device, seed=args.seed, progress=_progress(args))
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("acts: ", "--acts: ", 1)) from None
+    text = growth_text(result)
+    summary = _jsonable({"k": args.k, "depths": depths, "rows": result.data["rows"], "slopes": result.data["slopes"]})
+    files = [(_out_path(args, "growth"), _figure_writer(result.figure())),
+             (_out_path(args, "growth", "md"), _text_writer(text))]
     return Outcome(summary, text, files)
+
+
+def _train_model(args, classes: int):
+    """The classifier for ``erf train``: ``pool:NAME`` is :func:`erf.nets.pooling_classifier`."""
+    import torch
+
+    torch.manual_seed(args.seed)  # the model's initialisation is part of the run's seed
+    if args.model.startswith("pool:"):
+        from erf.nets import pooling_classifier
+
+        return pooling_classifier(args.model[5:], classes, depth=args.depth, width=args.width), args.model
+    from erf.models import parse_model
+
+    spec = parse_model(args.model)
+    model = spec.build(3)
+    if args.weights:
+        from erf.models import load_weights
+
+        load_weights(model, args.weights)
+    return model, spec.spec
+
+
+def cmd_train(args) -> Outcome:
+    """Train a classifier on a generated task with ERF snapshots: figure, table (md/csv/json), .npz files."""
+    from erf import tasks
+    from erf.training import snapshot_epochs, train
+
+    snapshot_epochs(args.epochs, args.erf_every)  # option errors before any work
+    model, name = _train_model(args, tasks.classes_of(args.task))
+    run = train(model, args.task, epochs=args.epochs, erf_every=args.erf_every, n_train=args.n_train,
+                n_test=args.n_test, size=args.size, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                erf_n=args.erf_n, erf_layer=args.layer, device=args.device, pool_lr=args.pool_lr,
+                checkpoint=args.checkpoint, resume=args.resume, progress=_progress(args) and not args.json)
+    run.config["model"] = name
+    slug = f"train_{name.replace(':', '-').replace('/', '-')}_{args.task}"
+    cols = ["epoch", "loss", "train_acc", "test_acc", "erf_size_task", "erf_size_gaussian", "sigma_row_task",
+            "sigma_col_task", "anisotropy_task", "erf_trf_task", "fit_r2_task"]
+    extra = [c for c in (run.table()[0] if run.history else {}) if c.endswith(("r_h", "r_w", ".p"))]
+    md = run.to_markdown(cols + extra)
+    files = [(_out_path(args, slug), _figure_writer(run.plot())),
+             (_out_path(args, slug, "md"), _text_writer(md)),
+             (_out_path(args, slug, "csv"), run.to_csv),
+             (_out_path(args, slug, "json"), run.to_json),
+             (_out_path(args, slug, "npz"), run.save)]
+    for epoch, by_kind in run.erfs.items():
+        for kind, res in by_kind.items():
+            files.append((_out_path(args, f"{slug}_e{epoch}_{kind}", "npz"), res.save))
+    summary = {"model": name, "task": args.task, "config": run.config, "history": run.history,
+               "seconds": round(sum(run.seconds), 3)}
+    return Outcome(summary, md, files)
+
+
+def cmd_study(args) -> Outcome:
+    """Run one study of :mod:`erf.studies` and write its figure and table (md/csv/json)."""
+    from erf import studies
+
+    result = studies.run(args.name, quick=args.quick, seed=args.seed, progress=_progress(args) and not args.json)
+    stem = f"study_{args.name.replace('-', '_')}" + ("_quick" if args.quick else "")
+    md = result.to_markdown()
+    files = [(_out_path(args, stem), _figure_writer(result.figure())),
+             (_out_path(args, stem, "md"), _text_writer(md)),
+             (_out_path(args, stem, "csv"), result.to_csv),
+             (_out_path(args, stem, "json"), result.to_json)]
+    return Outcome(result.to_dict(), md, files)
 
 
 def cmd_pools(args) -> Outcome:
@@ -599,6 +581,9 @@ _EPILOG = {
     "growth": "example:\n  erf growth                        # linear, ReLU and tanh stacks\n"
               "  erf growth --acts linear --depths 8,16,32,64",
     "pools": "example:\n  erf pools --json",
+    "train": "example:\n  erf train pool:dynopool --task stretched --epochs 6 --erf-every 2\n"
+             "  erf train pool:max --task shapes --epochs 4 --out runs --json",
+    "study": "example:\n  erf study luo2016 --quick\n  erf study trained-pools\n  erf study dynopool --out figures",
 }
 
 
@@ -734,6 +719,39 @@ def build_parser() -> argparse.ArgumentParser:
                         description="The pooling modules of erf.pooling with kind, locality, receptive-field "
                                     "rule and paper.", epilog=_EPILOG["pools"], formatter_class=fmt)
     po.set_defaults(func=cmd_pools)
+
+    tr = sub.add_parser("train", parents=[out], help="train on a generated task with ERF snapshots",
+                        description="Train a classifier on a generated task (erf.tasks) and measure its ERF at "
+                                    "epoch 0 and every --erf-every epochs (erf.train): figure, table, .npz files.",
+                        epilog=_EPILOG["train"], formatter_class=fmt)
+    tr.add_argument("model", metavar="MODEL", help="pool:NAME (pooling_classifier) or a MODEL spec returning logits")
+    tr.add_argument("--task", required=True, help="shapes, stretched, tiled, zoomed or marks")
+    tr.add_argument("--epochs", type=_positive_int, required=True)
+    tr.add_argument("--erf-every", type=_positive_int, default=1, help="epochs between ERF snapshots (default 1)")
+    tr.add_argument("--n-train", type=_positive_int, default=1024, help="training images (default 1024)")
+    tr.add_argument("--n-test", type=_positive_int, default=256, help="held-out images (default 256)")
+    tr.add_argument("--size", type=_positive_int, default=32, help="image side in px (default 32)")
+    tr.add_argument("--depth", type=int, default=2, help="pooling stages of pool:NAME (default 2)")
+    tr.add_argument("--width", type=_positive_int, default=16, help="channels of pool:NAME (default 16)")
+    tr.add_argument("--batch-size", type=_positive_int, default=32)
+    tr.add_argument("--lr", type=_positive_float, default=3e-3, help="Adam learning rate (default 3e-3)")
+    tr.add_argument("--pool-lr", type=_positive_float, help="learning rate of pooling parameters (default --lr)")
+    tr.add_argument("--erf-n", type=_positive_int, default=16, help="images (and Gaussian inputs) per ERF (default 16)")
+    tr.add_argument("--layer", help="layer holding the unit (default: the last spatial feature map)")
+    tr.add_argument("--weights", metavar="PATH", help="state dict for a MODEL spec")
+    tr.add_argument("--checkpoint", metavar="PATH", help="save the run after every epoch; with --resume continue")
+    tr.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    tr.add_argument("--device")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.set_defaults(func=cmd_train)
+
+    st = sub.add_parser("study", parents=[out], help="luo2016, trained-pools, dynopool, theory, growth",
+                        description="Run a study of erf.studies and write its figure and table.",
+                        epilog=_EPILOG["study"], formatter_class=fmt)
+    st.add_argument("name", metavar="NAME", help="luo2016, trained-pools, dynopool, theory or growth")
+    st.add_argument("--quick", action="store_true", help="the small variant (under a minute on 2 CPU cores)")
+    st.add_argument("--seed", type=int, default=0)
+    st.set_defaults(func=cmd_study)
     return p
 
 

@@ -109,7 +109,7 @@ def _build_pool(pool, channels: int, stride: int = 2) -> nn.Module:
 
 
 def pooling_net(pool, depth: int = 3, convs: int = 2, width: int = 16, act: str | None = "relu",
-                in_channels: int = 3) -> nn.Sequential:
+                in_channels: int = 3, norm: bool = False) -> nn.Sequential:
     """The canonical network of one pooling module: ``depth`` x (``convs`` x [conv3x3 + act], pool),
     then ``convs`` x [conv3x3 + act].
 
@@ -121,6 +121,7 @@ def pooling_net(pool, depth: int = 3, convs: int = 2, width: int = 16, act: str 
             factory ``f(channels) -> nn.Module`` (or ``f()``).
         depth: number of pooling stages (>= 0); convs: 3x3 convs (padding 1) per stage (>= 1).
         width: channels of every conv; act: activation name or ``None``.
+        norm: a BatchNorm2d after every conv (``conv{i}``, ``norm{i}``, ``act{i}``): for training.
     Returns:
         ``nn.Sequential`` with children ``stage0 .. stage{depth-1}`` (each ``conv0, act0, ...,
         pool``) and ``head`` (``conv0, act0, ...``): layer paths like ``"stage2.pool"``.
@@ -135,6 +136,8 @@ def pooling_net(pool, depth: int = 3, convs: int = 2, width: int = 16, act: str 
         layers: list[tuple[str, nn.Module]] = []
         for i in range(convs):
             layers.append((f"conv{i}", nn.Conv2d(cin if i == 0 else width, width, 3, padding=1)))
+            if norm:
+                layers.append((f"norm{i}", nn.BatchNorm2d(width)))
             a = make_activation(act)
             if a is not None:
                 layers.append((f"act{i}", a))
@@ -212,3 +215,19 @@ def swap_pooling(model: nn.Module, pool, convs: bool = False) -> nn.Module:
             new = new_pool
         _set_child(model, path, new)
     return model
+
+
+def pooling_classifier(pool, classes: int, depth: int = 3, convs: int = 2, width: int = 16,
+                       act: str | None = "relu", in_channels: int = 3, norm: bool = True) -> nn.Sequential:
+    """:func:`pooling_net` as an image classifier: ``features`` (the pooling net, with BatchNorm after
+    each conv unless ``norm=False``), then global average pooling and a linear layer to ``classes``
+    logits. The ERF is read at ``"features"`` (BatchNorm in eval mode, folded by the engine).
+
+    Returns:
+        ``nn.Sequential`` with children ``features``, ``gap``, ``flatten``, ``fc``.
+    """
+    if not isinstance(classes, int) or isinstance(classes, bool) or classes < 2:
+        raise ValueError(f"classes must be an int >= 2, got {classes!r}")
+    features = pooling_net(pool, depth=depth, convs=convs, width=width, act=act, in_channels=in_channels, norm=norm)
+    return nn.Sequential(OrderedDict([("features", features), ("gap", nn.AdaptiveAvgPool2d(1)),
+                                      ("flatten", nn.Flatten()), ("fc", nn.Linear(width, classes))]))
