@@ -192,7 +192,7 @@ def _engine_kwargs(args) -> dict[str, Any]:
     if args.draws is not None:
         kw["draws"] = args.draws
     if args.layer is not None:
-        kw["layer"] = args.layer
+        kw["layer"] = _layer_arg(args.layer)
     if args.unit is not None:
         kw["unit"] = parse_unit(args.unit)
     if args.channel is not None:
@@ -262,6 +262,17 @@ def _image_kwargs(args) -> dict[str, Any]:
     return kw
 
 
+def _layer_arg(text: str) -> str | list[str]:
+    """``--layer A`` -> ``"A"``; ``--layer A,B,C`` -> ``["A", "B", "C"]`` (one run, one forward pass per batch)."""
+    if "," not in text:
+        return text
+    parts = [p.strip() for p in text.split(",")]
+    if not all(parts):
+        raise UsageError(f"--layer: an empty layer name in {text!r}; give comma-separated module paths such as "
+                         "layer2,layer3")
+    return parts
+
+
 def _input_shape(args, spec) -> tuple[int, ...]:
     from erf.models import parse_input_shape
 
@@ -281,6 +292,8 @@ def cmd_map(args) -> Outcome:
     t0 = time.perf_counter()
     result = effective_rf(model, shape, init=init, **kw)
     seconds = time.perf_counter() - t0
+    if isinstance(result, dict):  # --layer A,B,C: one .npz, summary row and figure per layer, plus a panel
+        return _map_layers_outcome(args, spec, result, seconds)
     name = f"map_{spec.slug}"
     outcome = Outcome({}, "", [], [])
 
@@ -302,6 +315,63 @@ def cmd_map(args) -> Outcome:
     outcome.files = [(_out_path(args, name, "npz"), result.save),
                      (_out_path(args, name), _map_figure_writer(spec, result, outcome.failed))]
     outcome.after = analyses
+    return outcome
+
+
+def _layer_slug(result) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", result.layer or "output").strip("-")[:60] or "output"
+
+
+_LAYER_COLUMNS = ["layer", "unit", "trf_size", "erf_size", "erf_trf_ratio", "sigma_moments", "fit_r2", "anisotropy", "n"]
+
+
+def _map_layers_outcome(args, spec, results: dict, seconds: float) -> Outcome:
+    """Several layers of one run: ``map_SPEC_LAYER.npz`` and ``.png`` per layer, ``map_SPEC_layers.png``
+    (one panel per layer: heatmap, TRF box, 2-sigma ellipse) and one summary row per layer."""
+    outcome = Outcome({}, "", [], [])
+    base = f"map_{spec.slug}"
+    ordered = list(results.values())
+
+    def analyses(o: Outcome) -> None:
+        rows = [_result_summary(r, o.failed) for r in ordered]
+        o.summary = {"model": spec.spec, "seconds": round(seconds, 3), "layers": rows}
+        weights = (ordered[0].meta.get("provenance") or {}).get("weights")
+        if weights:
+            o.summary["weights"] = weights
+        o.text = _markdown(rows, _LAYER_COLUMNS, {"erf_size": ".3g", "erf_trf_ratio": ".3f", "fit_r2": ".3f",
+                                                  "anisotropy": ".3f"})
+
+    def panel(path: str):
+        def draw():
+            from erf.compare import Comparison
+            from erf.plot import save_figure
+
+            by_layer = {(r.layer or "output"): r for r in ordered}
+            rows = [{"pool": k, "erf_size": (s.get("erf_size") or float("nan")),
+                     "erf_trf_ratio": s.get("erf_trf_ratio") if s.get("erf_trf_ratio") is not None else float("nan"),
+                     "trf_global": s.get("trf_global", False)}
+                    for k, s in zip(by_layer, outcome.summary.get("layers", [{}] * len(by_layer)))]
+            import textwrap
+
+            cfg = ordered[0].config
+            who = spec.spec.split("@")[0] + (f"@{os.path.basename(spec.weights)}" if spec.weights else "")
+            cols = len(ordered) if len(ordered) <= 4 else None
+            text = (f"{who}: ERF of the centre unit per layer, input {'x'.join(map(str, ordered[0].input_shape))}, "
+                    f"init={cfg.get('init')}, reduce={cfg.get('reduce')}, n={ordered[0].n}")
+            caption = "\n".join(textwrap.wrap(text, 30 * (cols or 3))
+                                 + ["dashed box: TRF;  cyan: 2σ ellipse of the fitted Gaussian"])
+            comp = Comparison(rows=rows, results=by_layer, options={"caption": caption})
+            return save_figure(comp.plot_grid(same_scale=False, cols=cols), path)
+        return _optional("layers figure", outcome.failed, draw, _SKIPPED)
+
+    files = [(_out_path(args, f"{base}_{_layer_slug(r)}", "npz"), r.save) for r in ordered]
+    files += [(_out_path(args, f"{base}_{_layer_slug(r)}"), _map_figure_writer(spec, r, outcome.failed))
+              for r in ordered]
+    if all(r.ndim_spatial == 2 for r in ordered):
+        files.append((_out_path(args, f"{base}_layers"), panel))
+    outcome.files, outcome.after = files, analyses
     return outcome
 
 
@@ -642,7 +712,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     unit = _Parser(add_help=False)
     u = unit.add_argument_group("unit")
-    u.add_argument("--layer", help="module path holding the unit, e.g. layer3 (default: model output)")
+    u.add_argument("--layer", help="module path holding the unit, e.g. layer3 (default: model output); "
+                   "several, comma-separated (layer2,layer3,layer4), share one run")
     u.add_argument("--unit", metavar="R,C", help="spatial index of the unit, e.g. 8,8 (default: centre)")
     u.add_argument("--weights", metavar="PATH", help="weights file: .pt/.pth/.bin (torch.load weights_only=True) or "
                    ".safetensors; training checkpoints are unwrapped (state_dict, model(_ema), params(_ema), "

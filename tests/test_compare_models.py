@@ -148,3 +148,29 @@ def test_cli_compare_models(checkpoints, tmp_path, capsys):
         out, err = capsys.readouterr()
         assert code == 2 and len(err.strip().splitlines()) == 1, err
         assert __import__("re").search(message, err), err
+
+
+# ------------------------------------------------------------------------------ erf map --layer A,B,C
+def test_cli_map_several_layers_one_run(tmp_path, capsys):
+    """One .npz, summary row and figure per layer plus a panel figure; each layer's map equals the one of
+    a run of that layer alone (the same inputs: the same forward passes serve every layer)."""
+    common = ["--input-shape", "3x32x32", "--n-inputs", "2", "--no-progress"]
+    code = main(["map", "timm:test_resnet", "--layer", "layer1,layer2", "--json", "--out", str(tmp_path / "both")]
+                + common)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    s = json.loads(out)
+    assert [r["layer"] for r in s["layers"]] == ["layer1", "layer2"] and s["layers"][1]["trf_size"] == [55, 55]
+    names = sorted(os.path.basename(f) for f in s["files"])
+    assert names == ["map_timm-test_resnet_layer1.npz", "map_timm-test_resnet_layer1.png",
+                     "map_timm-test_resnet_layer2.npz", "map_timm-test_resnet_layer2.png",
+                     "map_timm-test_resnet_layers.png"]
+    with Image.open(tmp_path / "both" / "map_timm-test_resnet_layers.png") as im:
+        assert im.size[0] > 1.4 * im.size[1]  # two panels side by side
+    assert main(["map", "timm:test_resnet", "--layer", "layer2", "--out", str(tmp_path / "one")] + common) == 0
+    capsys.readouterr()
+    alone = erf.load(tmp_path / "one" / "map_timm-test_resnet.npz")
+    joint = erf.load(tmp_path / "both" / "map_timm-test_resnet_layer2.npz")
+    np.testing.assert_allclose(joint.map, alone.map, rtol=1e-5, atol=1e-7 * float(np.abs(alone.map).max()))
+    code = main(["map", "timm:test_resnet", "--layer", "layer1,", "--out", str(tmp_path)] + common)
+    assert code == 2 and "--layer: an empty layer name" in capsys.readouterr().err
