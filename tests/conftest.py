@@ -22,3 +22,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def tv():
+    """torchvision, or a skip that names it (per test: the other tests of the module still run)."""
+    return pytest.importorskip("torchvision", reason="torchvision is needed for this architecture")

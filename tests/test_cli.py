@@ -201,9 +201,12 @@ def test_unexpected_failure_exits_1(capsys, tmp_path):
 @pytest.mark.parametrize("entry", ["cli.py", "-m erf", "erf"])
 def test_entry_points_behave_the_same(entry, tmp_path):
     if entry == "erf":
-        exe = shutil.which("erf")
+        # the console script of this interpreter's environment (a venv's bin/ need not be on PATH)
+        here = os.path.join(os.path.dirname(sys.executable), "erf.exe" if os.name == "nt" else "erf")
+        exe = here if os.path.isfile(here) else shutil.which("erf")
         if exe is None:
-            pytest.skip("the erf console script is not installed (pip install -e .)")
+            pytest.skip(f"the erf console script is not installed next to {sys.executable} "
+                        "(pip install -e .)")
         cmd = [exe]
     elif entry == "cli.py":
         cmd = [sys.executable, os.path.join(REPO, "cli.py")]

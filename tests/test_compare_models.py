@@ -15,11 +15,12 @@ import torch
 from PIL import Image
 
 import erf
+from _deps import lazy
 from erf.cli import main
 from erf.compare import MODEL_COLUMNS
 from erf.nets import conv_stack
 
-timm = pytest.importorskip("timm")
+timm = lazy("timm")  # per test: the tests without it still run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

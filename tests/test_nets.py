@@ -102,11 +102,8 @@ def test_validation():
         pooling_net(3)
 
 
-tv = pytest.importorskip("torchvision")
-
-
 @pytest.mark.parametrize("name", ["softpool", "lip", "dpp", "stochastic"])
-def test_swap_pooling_resnet18(name):
+def test_swap_pooling_resnet18(name, tv):
     torch.manual_seed(0)
     model = tv.models.resnet18(weights=None)
     out = swap_pooling(model, name)
@@ -117,7 +114,7 @@ def test_swap_pooling_resnet18(name):
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 1000)
 
 
-def test_swap_pooling_resnet18_convs():
+def test_swap_pooling_resnet18_convs(tv):
     model = swap_pooling(tv.models.resnet18(weights=None), "dpp", convs=True).eval()
     strided = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and max(m.stride) > 1]
     assert strided == []
@@ -133,7 +130,7 @@ def test_swap_pooling_resnet18_convs():
     assert feats["ref"] == feats["new"]
 
 
-def test_swap_pooling_vgg11():
+def test_swap_pooling_vgg11(tv):
     torch.manual_seed(0)
     model = tv.models.vgg11(weights=None)
     assert swap_pooling(model, "lip") is model

@@ -5,14 +5,15 @@ import os
 
 import pytest
 
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 NOTEBOOK = os.path.join(os.path.dirname(HERE), "examples", "erf_tour.ipynb")
 
 
 def test_tour_notebook_executes_without_error():
+    nbformat = pytest.importorskip("nbformat", reason="nbformat reads the notebook")
+    nbclient = pytest.importorskip("nbclient", reason="nbclient executes the notebook")
+    pytest.importorskip("ipykernel", reason="ipykernel is the notebook's python3 kernel")
+    pytest.importorskip("torchvision", reason="the notebook swaps the pooling of a torchvision ResNet")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     assert any(c.cell_type == "code" for c in nb.cells)
     client = nbclient.NotebookClient(nb, timeout=240, kernel_name="python3",

@@ -29,6 +29,7 @@ from erf import cli
 from erf.cli import main
 from erf.models import load_weights, parse_model
 from erf.nets import conv_stack
+from _signals import default_signals
 
 ERF_DIR = os.path.dirname(os.path.abspath(erf.__file__))
 REPO = os.path.dirname(ERF_DIR)
@@ -454,7 +455,8 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path, referen
 def test_ctrl_c_saves_exits_130_with_one_line_and_resume_is_bit_identical(tmp_path, reference):
     ckpt, out = tmp_path / "run.ckpt.npz", tmp_path / "out"
     proc = subprocess.Popen(_cmd("--checkpoint", ckpt, "--checkpoint-every", 1, "--out", out), env=_ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_signals)  # also when pytest runs with SIGINT ignored
     t0 = time.monotonic()
     while not ckpt.exists() and proc.poll() is None and time.monotonic() - t0 < 120:
         time.sleep(0.002)

@@ -310,8 +310,6 @@ def test_random_chains_match_gradient_support(dim, specs):
 
 # --- torchvision -----------------------------------------------------------------------------
 
-tv = pytest.importorskip("torchvision")
-
 # (model, layer, input side): the side holds the centre unit's field
 LOCAL_MODELS = [
     ("resnet18", "layer4", 448, False),
@@ -325,6 +323,7 @@ EXPECTED = {"resnet18": 435, "resnet50": 427, "vgg16": 212, "alexnet": 195, "mob
 
 
 def _tv(name):
+    tv = pytest.importorskip("torchvision", reason="torchvision is needed for this architecture")
     torch.manual_seed(0)
     return getattr(tv.models, name)().eval()
 

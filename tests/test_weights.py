@@ -15,12 +15,13 @@ import pytest
 import torch
 
 import erf
+from _deps import lazy
 from erf.cli import main
 from erf.models import parse_model
 from erf.weights import WeightsReport, read_state_dict
 
-timm = pytest.importorskip("timm")
-safetensors_torch = pytest.importorskip("safetensors.torch")
+timm = lazy("timm")  # per test: the tests without it still run
+safetensors_torch = lazy("safetensors.torch")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
