@@ -134,6 +134,49 @@ def test_timm_checkpoint_filter_converts_a_vit_at_another_resolution(tmp_path):
     assert torch.equal(dst.patch_embed.proj.weight, src.patch_embed.proj.weight)
 
 
+def _facebook_convnext_keys(sd):
+    """timm ConvNeXt keys -> the original facebookresearch/ConvNeXt checkpoint's (written from its model.py)."""
+    import re
+
+    out = {}
+    for k, v in sd.items():
+        k = re.sub(r"^stem\.", "downsample_layers.0.", k)
+        k = re.sub(r"^stages\.(\d+)\.downsample\.", r"downsample_layers.\1.", k)
+        k = re.sub(r"^stages\.(\d+)\.blocks\.(\d+)\.", r"stages.\1.\2.", k)
+        k = k.replace("conv_dw", "dwconv").replace("mlp.fc", "pwconv").replace("head.norm.", "norm.")
+        out[k.replace("head.fc.", "head.")] = v
+    return out
+
+
+def test_original_convnext_checkpoint_loads_through_timms_filter(tmp_path):
+    src = _source("test_convnext")
+    path = tmp_path / "convnext_fb_ema.pth"
+    torch.save({"model": _facebook_convnext_keys(src.state_dict()), "epoch": 299}, path)
+    dst = _model("test_convnext")
+    report = erf.load_weights(dst, path)
+    assert report.converted == "timm.models.convnext.checkpoint_filter_fn" and report.unwrapped == ["model"]
+    _assert_same(dst, src)
+    # as a spec: timm builds the model without pretrained weights and never reaches the network
+    import timm.models._builder as builder
+
+    def no_download(*a, **k):
+        raise AssertionError("erf asked timm to download weights")
+
+    assert all(hasattr(builder, n) for n in ("load_state_dict_from_url", "load_state_dict_from_hf",
+                                             "download_cached_file"))
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("load_state_dict_from_url", "load_state_dict_from_hf", "download_cached_file"):
+            mp.setattr(builder, name, no_download)
+        mp.setattr(torch.hub, "download_url_to_file", no_download)
+        _assert_same(parse_model(f"timm:test_convnext@{path}").build(3), src)
+    # without timm's filter the same keys are named as missing/unexpected
+    from erf.weights import apply_state_dict
+
+    state, rep = read_state_dict(path)
+    with pytest.raises(ValueError, match=r"missing keys \(stem.0.weight.*unexpected keys \(downsample_layers.0.0"):
+        apply_state_dict(_model("test_convnext"), state, rep)
+
+
 def _evil_file(path):
     class Evil:
         def __reduce__(self):
