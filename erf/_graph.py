@@ -205,6 +205,8 @@ class Op:
     batch_coupled: bool = False
     is_module: bool = False
     note: str = ""
+    #: the hooks fallback could not follow the data here: no field may be reported through it
+    opaque: bool = False
 
     @property
     def axes(self) -> dict[int, int]:
@@ -553,6 +555,8 @@ class Graph:
     module_outputs: dict[str, int]
     method: str
     warnings: list[str] = field(default_factory=list)
+    #: why torch.fx could not trace the model (hooks fallback)
+    reason: str = ""
 
 
 class _Tracer(fx.Tracer):
@@ -927,46 +931,142 @@ def _index_op(op: Op, idx, x: Op, shape) -> Op:
 # hook fallback
 
 
+#: functions that act elementwise on one tensor (others scalars): a chain link may pass through them
+_POINTWISE = {"relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardtanh", "leaky_relu", "elu", "selu", "celu",
+              "mish", "hardswish", "hardsigmoid", "softplus", "softsign", "dropout", "alpha_dropout", "clone",
+              "contiguous", "float", "double", "half", "bfloat16", "to", "abs", "neg", "exp", "square", "sqrt",
+              "mul", "add", "sub", "div", "true_divide", "rsub", "radd", "rmul", "pow", "clamp", "clip",
+              "relu_", "sigmoid_", "tanh_", "mul_", "add_", "sub_", "div_", "clamp_", "hardtanh_", "leaky_relu_",
+              "elu_", "silu_", "gelu_"}
+
+
 def build_hooks(model: nn.Module, x: torch.Tensor, reason: str) -> Graph:
-    """Fallback when tracing fails: leaf modules in call order, as a chain (forward hooks)."""
-    calls: list[tuple[str, nn.Module, tuple, tuple]] = []
+    """Fallback when tracing fails: leaf modules in call order, as a chain (forward hooks).
+
+    The chain is exact only while each leaf reads exactly the tensor the previous leaf wrote,
+    unchanged (same object, same version counter: no functional op, branch or in-place change in
+    between), starting from the input. From the first leaf where that fails, every op is
+    ``opaque``: the analyser then refuses to report a field (it could be smaller than the truth).
+    """
+    calls: list[list] = []  # [path, module, in shape, out shape, in key, out key]
+    keep: list[torch.Tensor] = []  # the tensors stay alive during the probe, so their ids are unique
+    module_out: dict[str, tuple] = {}
     skip: set[str] = set()
     for path, m in model.named_modules():
         if hasattr(m, "rf_rule") and path:
             skip.update(p for p, _ in m.named_modules(prefix=path) if p != path)
     handles = []
 
-    def hook(path):
-        def fn(m, args, out):
-            if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
-                calls.append((path, m, tuple(args[0].shape), tuple(out.shape)))
+    def key(t: torch.Tensor) -> tuple[int, int]:
+        keep.append(t)
+        return id(t), t._version
+
+    def pre(path):
+        def fn(m, args):
+            if args and isinstance(args[0], torch.Tensor):
+                calls.append([path, m, tuple(args[0].shape), None, key(args[0]), None])
         return fn
+
+    def post(path, leaf):
+        def fn(m, args, out):
+            if isinstance(out, torch.Tensor):
+                module_out[path] = (key(out), tuple(out.shape))
+            if leaf and calls and calls[-1][0] == path and calls[-1][3] is None:
+                if isinstance(out, torch.Tensor):
+                    calls[-1][3], calls[-1][5] = tuple(out.shape), key(out)
+                else:
+                    calls.pop()
+        return fn
+
+    steps: dict[tuple, tuple] = {}  # pointwise one-tensor ops outside the leaves: input key -> output key
+    depth = [0]
+
+    class _Pointwise(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+            before = (id(tensors[0]), tensors[0]._version) if len(tensors) == 1 else None
+            out = func(*args, **kwargs)
+            name = getattr(func, "__name__", "").strip("_")
+            if depth[0] == 0 and before is not None and isinstance(out, torch.Tensor) and \
+                    name in _POINTWISE and tuple(out.shape) == tuple(tensors[0].shape):
+                keep.extend((tensors[0], out))
+                steps[before] = (id(out), out._version)
+            return out
+
+    def enter(m, args):
+        depth[0] += 1
+
+    def leave(m, args, out):
+        depth[0] -= 1
 
     try:
         for path, m in model.named_modules():
-            if path in skip or not path:
+            if path in skip:
                 continue
-            if hasattr(m, "rf_rule") or not any(True for _ in m.children()):
-                handles.append(m.register_forward_hook(hook(path)))
-        with torch.no_grad():
-            model(x)
+            leaf = bool(path) and (hasattr(m, "rf_rule") or not any(True for _ in m.children()))
+            if leaf:
+                handles.append(m.register_forward_pre_hook(pre(path)))
+                handles.append(m.register_forward_pre_hook(enter))
+                handles.append(m.register_forward_hook(leave))
+            handles.append(m.register_forward_hook(post(path, leaf)))
+        with torch.no_grad(), _Pointwise():
+            x_key = key(x)
+            result = model(x)
     finally:
         for h in handles:
             h.remove()
+
+    def follow(k: tuple) -> set:
+        """``k`` and the keys reached from it through pointwise one-tensor ops (relu, scaling, ...)."""
+        seen = {k}
+        while k in steps and steps[k] not in seen:
+            k = steps[k]
+            seen.add(k)
+        return seen
+
+    calls = [c for c in calls if c[3] is not None]
     ops = [Op("input", "Input", [], tuple(x.shape), ("B", None) + tuple(range(x.dim() - 2)))]
     outputs: dict[str, int] = {}
-    for path, m, s_in, s_out in calls:
+    by_key: dict[tuple, int] = {x_key: 0}
+    prev_key, broken = x_key, None
+    for path, m, s_in, s_out, in_key, out_key in calls:
         prev = ops[-1]
+        if broken is None and in_key not in follow(prev_key):
+            broken = path
         if tuple(prev.shape) != s_in:
             labels, _, _ = reshape_labels(prev.labels, prev.shape, s_in)
         else:
             labels = prev.labels
-        op = module_op(m, path, labels, s_in, s_out) or _unknown(path, type(m).__name__, [prev], s_out)
+        if broken is None:
+            op = module_op(m, path, labels, s_in, s_out) or _unknown(path, type(m).__name__, [prev], s_out)
+        else:
+            op = _unknown(path, type(m).__name__, [prev], s_out)
+            op.opaque, op.note = True, "unknown: not a plain chain from here (branch or functional op)"
         op.inputs = [len(ops) - 1]
         ops.append(op)
-        parts = path.split(".")
-        for i in range(len(parts) + 1):
-            outputs[".".join(parts[:i])] = len(ops) - 1
+        by_key[out_key] = len(ops) - 1
+        prev_key = out_key
+
+    def resolve(name: str, k: tuple, shape: tuple) -> int:
+        if k in by_key:
+            return by_key[k]
+        for src, i in by_key.items():  # a module's output followed by pointwise ops only
+            if k in follow(src):
+                return i
+        op = _unknown(name, "(functional)", [ops[-1]], shape)
+        op.opaque, op.note = True, "unknown: its value is not the output of an analysed module"
+        op.inputs = [len(ops) - 1]
+        ops.append(op)
+        return len(ops) - 1
+
+    for path, (k, shape) in module_out.items():
+        if path:
+            outputs[path] = resolve(path, k, shape)
+    out_index = resolve("output", key(result), tuple(result.shape)) if isinstance(result, torch.Tensor) else None
+    if out_index is not None:
+        outputs[""] = out_index
     msg = (f"torch.fx could not trace the model ({reason}); analysed the leaf modules as a chain "
-           "in call order: branches and functional ops are not seen")
-    return Graph(ops, len(ops) - 1, outputs, "hooks", [msg])
+           "in call order" + (f", exact up to {broken!r} (from there on not a plain chain: unknown)"
+                              if broken else " (a plain chain: exact)"))
+    return Graph(ops, out_index, outputs, "hooks", [msg], reason)

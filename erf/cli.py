@@ -439,6 +439,9 @@ def _result_summary(result, failed: list[str] | None = None) -> dict[str, Any]:
     if trf is not None:
         out["trf_size"] = list(trf.size)
         out["trf_global"] = bool(getattr(trf, "is_global", False))
+    elif getattr(result, "trf_reason", None):
+        out["trf_size"] = None  # unknown: the analyser could not follow the model (no ERF/TRF ratio)
+        out["trf_unavailable"] = result.trf_reason
     if trf is None and "TRF" in failed:  # the metrics without the TRF (no ERF/TRF ratio)
         from erf.fit import metrics as _metrics
 

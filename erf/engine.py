@@ -90,6 +90,8 @@ class ERFResult:
         self.meta = dict(meta or {})
         self._model = model
         self._trf = trf
+        #: why ``trf`` is ``None`` for a model the analyser cannot follow (else ``None``)
+        self.trf_reason: str | None = self.meta.get("trf_reason")
         self._cache: dict[str, Any] = {}
 
     def __repr__(self) -> str:
@@ -110,10 +112,14 @@ class ERFResult:
     @property
     def trf(self):
         """Theoretical receptive field of the unit (:class:`erf.trf.RFReport`), computed once."""
-        if self._trf is None and self._model is not None:
-            from erf.trf import theoretical_rf
+        if self._trf is None and self._model is not None and self.trf_reason is None:
+            from erf.trf import TRFUnavailable, theoretical_rf
 
-            self._trf = theoretical_rf(self._model, self.input_shape, layer=self.layer or None, unit=self.unit)
+            try:
+                self._trf = theoretical_rf(self._model, self.input_shape, layer=self.layer or None, unit=self.unit)
+            except TRFUnavailable as exc:  # no field rather than a wrong one; ERF/TRF is then absent
+                self.trf_reason = str(exc)
+                warnings.warn(f"trf is None: {exc}", stacklevel=2)
         return self._trf
 
     @property
@@ -171,6 +177,8 @@ class ERFResult:
             trf = None
         if trf is not None and hasattr(trf, "to_dict"):
             meta["trf"] = trf.to_dict()
+        if self.trf_reason:
+            meta["trf_reason"] = self.trf_reason
         arrays = {"map": self.map, "stderr": self.stderr, "m2": self.m2,
                   "meta": np.array(json.dumps(meta))}
         atomic_savez(path, arrays)

@@ -146,6 +146,11 @@ def _jsonable(v):
 # validation
 
 
+class TRFUnavailable(ValueError):
+    """The model cannot be analysed exactly (no fx trace and not a plain chain of modules): ``str(exc)``
+    says why. :attr:`erf.ERFResult.trf` is then ``None`` with this reason in ``trf_reason``."""
+
+
 def _check_model(model) -> nn.Module:
     if isinstance(model, nn.Module):
         return model
@@ -344,6 +349,12 @@ def theoretical_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequ
     local_size = None if local_region is None else tuple(b - a + 1 for a, b in local_region)
 
     cone = [i for i in range(1, target + 1) if need[i] is not None]
+    opaque = [ops[i].name for i in sorted(set(cone) | {target}) if ops[i].opaque]
+    if opaque:
+        raise TRFUnavailable(f"the TRF of {path or 'the output'} cannot be analysed: torch.fx could not trace the "
+                             f"model ({graph.reason}) and from {opaque[0]!r} on the forward is not a plain chain "
+                             "of modules (a branch, a functional op or an in-place change), so no field is "
+                             "reported rather than one smaller than the true one")
     is_global = bool(used_global)
     mis = [ops[i].name for i in sorted(misaligned) if need[i] is not None]
     unknown = sorted({f"{ops[i].name} ({ops[i].type})" for i in cone if ops[i].unknown})

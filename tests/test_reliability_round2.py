@@ -551,3 +551,57 @@ def test_item9_fractional_output_size_declares_its_own_stride():
     assert rep.jump == pytest.approx((3.2, 2.4)) or tuple(rep.jump) == pytest.approx((3.2, 2.4))
     with pytest.raises(ValueError, match="forward"):
         FractionalMaxPool2d(3, output_size=10).rf_rule()
+
+
+# ============================================================================== item 3: TRF without fx
+import torch.nn.functional as F  # noqa: E402
+
+
+class _Untraceable(nn.Module):
+    """Data-dependent control flow (torch.fx cannot trace it) in front of various graph shapes."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.a = nn.Conv2d(1, 1, 3, padding=1)
+        self.big = nn.Conv2d(1, 1, 7, padding=3)
+        self.relu = nn.ReLU(inplace=True)
+        self.b = nn.Conv2d(1, 1, 5, padding=2)
+
+    def forward(self, x):
+        if x.sum() > -1e30:
+            y = self.a(x)
+        if self.kind == "chain":  # a plain chain (an in-place ReLU included): exact
+            return self.b(self.relu(y))
+        if self.kind == "branch":  # a residual branch the chain cannot see
+            return self.b(y + self.big(x))
+        if self.kind == "inplace":  # an in-place add of a functional convolution
+            y += F.conv2d(x, x.new_ones(1, 1, 9, 9), padding=4)
+            return self.b(y)
+        return self.b(F.avg_pool2d(y, 3, 1, 1))  # a functional op between two modules
+
+
+_TRF = [("chain", None, "exact"), ("branch", None, "unknown"), ("branch", "a", "exact"),
+        ("inplace", None, "unknown"), ("functional", None, "unknown"), ("functional", "a", "exact")]
+
+
+@pytest.mark.parametrize("kind,layer,expect", _TRF, ids=[f"{k}-{l}" for k, l, _ in _TRF])
+def test_item3_trf_without_fx_is_exact_or_unknown_never_smaller(kind, layer, expect):
+    model = _Untraceable(kind)
+    support = erf.trf.empirical_trf(model, (1, 32, 32), layer=layer)
+    with pytest.warns(UserWarning, match="torch.fx could not trace"):
+        if expect == "unknown":
+            with pytest.raises(erf.trf.TRFUnavailable, match="not a plain chain"):
+                erf.theoretical_rf(model, (1, 32, 32), layer=layer)
+            return
+        rep = erf.theoretical_rf(model, (1, 32, 32), layer=layer)
+    assert rep.size == support.size and tuple(map(tuple, rep.region)) == tuple(map(tuple, support.region))
+
+
+def test_item3_result_of_an_unanalysable_model_has_no_trf_and_no_ratio(tmp_path):
+    with pytest.warns(UserWarning):
+        res = erf.effective_rf(_Untraceable("branch"), (1, 24, 24), **KW)
+        assert res.trf is None and "not a plain chain" in res.trf_reason
+        assert res.metrics["erf_trf_ratio"] is None
+    res.save(tmp_path / "r.npz")
+    assert "not a plain chain" in erf.load(tmp_path / "r.npz").trf_reason
