@@ -753,7 +753,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "timm:resnet18@ep90.pth (one model's two checkpoints) or timm:resnet18,timm:convnext_atto")
     c.add_argument("--layer", help="with --models: the layer of every model (default: each model's own rule)")
     c.add_argument("--groups", type=_positive_int, help="independent groups of draws for standard errors (default 4)")
-    c.add_argument("--same-scale", action="store_true", help="grid: maps as mass shares on one colour scale")
+    c.add_argument("--same-scale", action="store_true", default=True,
+                   help="grid: maps as mass shares on one colour scale with one colour bar (the default)")
+    c.add_argument("--per-panel-scale", dest="same_scale", action="store_false",
+                   help="grid: each panel on its own colour scale")
     c.set_defaults(func=cmd_compare)
 
     t = sub.add_parser("trf", parents=[unit, out], help="theoretical receptive field per layer",

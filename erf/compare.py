@@ -210,7 +210,7 @@ class Comparison:
         """A markdown table: value ± standard error; areas in percent of the input area."""
         models = bool(self.options.get("models"))
         head = (["model", "layer", "weights"] if models else ["module", "kind"]) + [
-            "TRF", "ERF size", "σ row", "σ col", "ERF/TRF", "area 20 %", "area 50 %", "area 99 %", "anisotropy",
+            "TRF", "ERF size", "σ row", "σ col", "ERF/TRF", "raw area 20 %", "raw area 50 %", "raw area 99 %", "anisotropy",
             "fit R²"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in self.rows:
@@ -237,7 +237,7 @@ class Comparison:
         """Write :meth:`to_dict` as JSON (atomically); returns the path."""
         return write_text_atomic(path, json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
 
-    def plot_grid(self, path: str | os.PathLike | None = None, same_scale: bool = False, cols: int | None = None):
+    def plot_grid(self, path: str | os.PathLike | None = None, same_scale: bool = True, cols: int | None = None):
         """One heatmap per module with its TRF box and the fitted 2-sigma ellipse; see
         :func:`erf.plot.comparison_grid`. Saves to ``path`` (atomically) when given; returns the Figure."""
         from erf.plot import comparison_grid, save_figure

@@ -520,8 +520,13 @@ def metrics(map: Any, center: Any = None, trf: Any = None, log_scale: bool = Fal
 
     erf_size = count^(1/d) of positions with value > (1 - 0.9545) x value at the centre
     (Luo et al. 2016, https://arxiv.org/abs/1701.04128); area_ratio[t] = (2i+1)^d / map size
-    for the smallest centred square (side 2i+1, inside the map) holding >= t of the total
-    (RepLKNet, https://arxiv.org/abs/2203.06717; its script counts the side as 2i from i = 1).
+    for the smallest centred square (side 2i+1 from side 1, inside the map) holding >= t of the
+    total of the RAW map around ``center`` (the TRF centre in ``ERFResult.metrics``). This is a
+    mass-concentration measure in the spirit of RepLKNet's high-contribution area ratio, NOT that
+    ratio: RepLKNet's ``analyze_erf.py`` scales the map to log10(map + 1) / max, measures around
+    (H // 2, W // 2), tries sides 3, 5, ... only and needs a strict ``>``; on the same map the two
+    differ by about 2x. For RepLKNet's numbers use :func:`erf.protocols.replknet_area_ratio`
+    (``protocol="replknet"``, ``erf analyze FILE --protocol replknet``).
 
     Args:
         map: non-negative 1-, 2- or 3-D array-like.
@@ -534,7 +539,7 @@ def metrics(map: Any, center: Any = None, trf: Any = None, log_scale: bool = Fal
         last - first + 1 per axis); ``erf_trf_ratio`` ({"per_axis": extent / TRF size,
         "overall": erf_size / TRF geometric-mean side}, None without trf); ``mass_radius``
         (smallest Euclidean radius around the centre holding 95.45% of the mass);
-        ``area_ratio`` ({0.2, 0.3, 0.5, 0.99} -> share or None); ``anisotropy``
+        ``area_ratio`` ({0.2, 0.3, 0.5, 0.99} -> share or None; raw map, see above); ``anisotropy``
         (sigma_major / sigma_minor of the moments' covariance).
     Raises:
         TypeError / ValueError naming ``map``, ``center`` or ``trf`` for bad inputs.

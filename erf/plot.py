@@ -10,10 +10,10 @@ import numpy as np
 
 
 def _axes(ax):
-    if ax is None:
+    if ax is None:  # constrained layout: ``r.plot()`` then ``savefig`` keeps the colour-bar label
         import matplotlib.pyplot as plt
 
-        _, ax = plt.subplots(figsize=(5, 4.2))
+        _, ax = plt.subplots(figsize=(5.2, 4.4), layout="constrained")
     return ax
 
 
@@ -26,29 +26,44 @@ def ellipse_points(center: np.ndarray, cov: np.ndarray, k: float, n: int = 200) 
     return pts[0] + center[0], pts[1] + center[1]
 
 
-def draw_trf_box(ax, trf: Any, shape: tuple[int, ...], color: str = "white") -> None:
-    """The TRF region of the unit as a dashed rectangle (clipped to the image)."""
+def draw_trf_box(ax, trf: Any, shape: tuple[int, ...], color: str = "white", annotate: bool = True) -> None:
+    """The TRF region of the unit as a dashed rectangle, clipped to the image.
+
+    Sides of the region beyond the input are drawn just inside the border (so the box never
+    vanishes on the frame) and, with ``annotate``, a note says the TRF exceeds the input.
+    """
     from matplotlib.patches import Rectangle
 
     (r0, r1), (c0, c1) = trf.region[0], trf.region[1]
-    r0c, r1c = max(r0, 0), min(r1, shape[0] - 1)
-    c0c, c1c = max(c0, 0), min(c1, shape[1] - 1)
-    ax.add_patch(Rectangle((c0c - 0.5, r0c - 0.5), c1c - c0c + 1, r1c - r0c + 1, fill=False,
-                           ec=color, lw=1.2, ls="--", label=f"TRF {trf.size[0]}x{trf.size[1]}"))
+    inset = 0.004 * max(shape[0], shape[1]) + 0.5  # a clipped side sits just inside the frame
+    top = r0 - 0.5 if r0 >= 0 else -0.5 + inset
+    bottom = r1 + 0.5 if r1 <= shape[0] - 1 else shape[0] - 0.5 - inset
+    left = c0 - 0.5 if c0 >= 0 else -0.5 + inset
+    right = c1 + 0.5 if c1 <= shape[1] - 1 else shape[1] - 0.5 - inset
+    clipped = r0 < 0 or c0 < 0 or r1 > shape[0] - 1 or c1 > shape[1] - 1
+    label = f"TRF {trf.size[0]}x{trf.size[1]}" + (" (clipped: larger than the input)" if clipped else "")
+    ax.add_patch(Rectangle((left, top), right - left, bottom - top, fill=False, ec=color, lw=1.4 if clipped else 1.2,
+                           ls=(0, (4, 3)) if clipped else "--", label=label))
+    if clipped and annotate:
+        ax.annotate(f"TRF {trf.size[0]}x{trf.size[1]} > input {shape[0]}x{shape[1]}", xy=(0.02, 0.98),
+                    xycoords="axes fraction", ha="left", va="top", fontsize=7, color="black",
+                    bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.75})
 
 
 def draw_fit_ellipses(ax, fit: Any, color: str = "cyan") -> None:
     """1- and 2-sigma ellipses of a :class:`erf.fit.GaussianFit`."""
+    sig = "/".join(f"{s:.2f}" for s in np.asarray(fit.sigma, float))
     for k, ls in ((1, "-"), (2, ":")):
         rows, cols = ellipse_points(np.asarray(fit.center), np.asarray(fit.cov), k)
-        ax.plot(cols, rows, color=color, lw=1.2, ls=ls, label=f"fit {k}σ")
+        ax.plot(cols, rows, color=color, lw=1.2, ls=ls,
+                label=f"Gaussian fit {k}σ (σ fit {sig})" if k == 1 else f"Gaussian fit {k}σ")
 
 
 def _title(result) -> str:
     parts = [result.layer or "output", f"unit {tuple(result.unit)}", f"n={result.n}"]
     try:
         m = result.moments
-        parts.append("σ=" + "/".join(f"{s:.2f}" for s in m.sigma))
+        parts.append("σ moments " + "/".join(f"{s:.2f}" for s in m.sigma))
     except Exception:  # a degenerate map still gets a heatmap
         pass
     try:
@@ -62,9 +77,47 @@ def _title(result) -> str:
     return "  ".join(parts)
 
 
+LOG_FLOOR = 1e-4  # the log view shows four decades below the peak
+
+
+def _protocol_name(result) -> str | None:
+    proto = (getattr(result, "config", None) or {}).get("protocol")
+    return proto.get("name") if isinstance(proto, dict) else proto
+
+
+def _view(data: np.ndarray, log: bool, protocol: str | None, vmax: float | None):
+    """``(shown, imshow kwargs, colour-bar label)`` of a non-negative 2-D map.
+
+    ``log``: map / peak on a logarithmic colour scale, ticks in decades, values below
+    1e-4 of the peak shown at the floor. ``protocol="replknet"``: RepLKNet's log10(map + 1) / max
+    in its colour map RdYlGn; ``"openerf"``: the map normalised to sum 1. Otherwise the map.
+    """
+    from matplotlib.colors import LogNorm
+
+    if log:
+        peak = float(data.max()) or 1.0
+        rel = np.maximum(data / peak, LOG_FLOOR)
+        return rel, {"cmap": "magma", "norm": LogNorm(vmin=LOG_FLOOR, vmax=1.0)}, \
+            "contribution / peak (log scale, decades)"
+    if protocol == "replknet" and data.max() > 0:
+        from erf.protocols import replknet_scaled
+
+        return replknet_scaled(data), {"cmap": "RdYlGn", "vmin": 0.0, "vmax": 1.0}, "log10(map + 1) / max (RepLKNet)"
+    if protocol == "openerf" and data.sum() > 0:
+        return data / data.sum(), {"cmap": "viridis", "vmin": 0.0, "vmax": vmax}, "share of the map (sum 1, OpenERF)"
+    return data, {"cmap": "magma", "vmin": 0.0, "vmax": vmax}, "mean contribution"
+
+
 def plot_result(result, ax=None, log: bool = False, show_trf: bool = True, show_fit: bool = True,
-                title: str | None = None, colorbar: bool = True, vmax: float | None = None):
-    """Plot an :class:`erf.ERFResult`: heatmap (2-D), profile (1-D) or centre slice (3-D)."""
+                title: str | None = None, colorbar: bool = True, vmax: float | None = None,
+                protocol: str | None = None):
+    """Plot an :class:`erf.ERFResult`: heatmap (2-D), profile (1-D) or centre slice (3-D).
+
+    ``log=True`` shows map / peak on a log colour scale in decades (down to 1e-4); a result made
+    with ``protocol="replknet"`` (or ``protocol=`` given here) is shown as that protocol shows it
+    (RepLKNet: log10(map + 1) / max in RdYlGn). The title's σ is the moments' (labelled); the
+    ellipses and their legend are the Gaussian fit's.
+    """
     ax = _axes(ax)
     data = result.nonnegative_map
     if data.ndim == 1:
@@ -82,11 +135,13 @@ def plot_result(result, ax=None, log: bool = False, show_trf: bool = True, show_
         return ax
     if data.ndim == 3:
         data = data[data.shape[0] // 2]
-    shown = np.log10(1 + data / (data.max() or 1) * 1e4) / 4 if log else data
-    im = ax.imshow(shown, cmap="magma", interpolation="nearest", vmin=0, vmax=vmax)
+    shown, kw, label = _view(data, log, _protocol_name(result) if protocol is None else protocol or None, vmax)
+    im = ax.imshow(shown, interpolation="nearest", **kw)
     if colorbar:
         cb = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-        cb.set_label("log-scaled contribution" if log else "mean contribution", fontsize=8)
+        cb.set_label(label, fontsize=8)
+    ax.set_xlim(-0.5, data.shape[1] - 0.5)
+    ax.set_ylim(data.shape[0] - 0.5, -0.5)
     if show_trf and result.ndim_spatial == 2:
         try:
             trf = result.trf
@@ -101,8 +156,9 @@ def plot_result(result, ax=None, log: bool = False, show_trf: bool = True, show_
     ax.set_xlabel("column")
     ax.set_ylabel("row")
     ax.set_title(title or _title(result), fontsize=9)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="lower right", framealpha=0.6)
+    if ax.get_legend_handles_labels()[0]:  # below the axes: never over the map
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False,
+                  handlelength=2.2, columnspacing=1.0)
     return ax
 
 
@@ -139,15 +195,25 @@ def _safe_trf(result):
         return None
 
 
-def comparison_grid(comp, same_scale: bool = False, cols: int | None = None):
-    """Grid of ERF heatmaps, one per pooling module of a :class:`erf.compare.Comparison`.
+def _wrap(text: str, width_in: float, fontsize: float) -> str:
+    """``text`` wrapped to a figure ``width_in`` inches wide (about 0.55 fontsize-em per character)."""
+    import textwrap
 
-    Each panel shows the mean |input gradient| of the centre unit on the input grid (full
-    128 x 128 view), the unit's TRF as a dashed white box, and the 2-sigma ellipse of the
-    fitted Gaussian (cyan); the title gives the module, ERF size and ERF/TRF ratio.
-    ``same_scale=False``: each panel in its own units, with its own colourbar.
-    ``same_scale=True``: every map divided by its total (share of the gradient mass per
-    pixel) on one shared colour scale and a single colourbar, so concentration is comparable.
+    chars = max(20, int(width_in * 72 / (0.55 * fontsize)))
+    return "\n".join(textwrap.fill(line, chars) for line in text.split("\n"))
+
+
+def comparison_grid(comp, same_scale: bool = True, cols: int | None = None):
+    """Grid of ERF heatmaps, one per module (or model) of a :class:`erf.compare.Comparison`.
+
+    Each panel shows the unit's map on the input grid, its TRF as a dashed white box (clipped at
+    the border when larger than the input, and said so in the panel title) and the 2-sigma
+    ellipse of the fitted Gaussian (cyan).
+    ``same_scale=True`` (default): every map divided by its total (share of the map's mass per
+    pixel) on ONE colour scale with one labelled colour bar, so the panels are comparable.
+    ``same_scale=False``: each panel on its own scale with its own labelled colour bar.
+    Titles and the caption are wrapped to the figure's width: nothing is clipped at any number
+    of panels.
     """
     import math as _m
 
@@ -155,13 +221,14 @@ def comparison_grid(comp, same_scale: bool = False, cols: int | None = None):
     n = len(names)
     cols = cols or min(6, max(1, _m.ceil(_m.sqrt(n * 1.3))))
     rows = _m.ceil(n / cols)
-    fig = new_figure(2.45 * cols + (0.6 if same_scale else 0), 2.35 * rows + 0.5)
+    width = max(2.5 * cols + (0.9 if same_scale else 0.5 * cols), 6.4)
+    fig = new_figure(width, 2.45 * rows + 1.4)
     axes = fig.subplots(rows, cols, squeeze=False)
     maps = {k: comp.results[k].nonnegative_map for k in names}
     if same_scale:
         maps = {k: m / (m.sum() or 1.0) for k, m in maps.items()}
         vmax = max(float(m.max()) for m in maps.values()) or 1.0
-    row_of = {r["pool"]: r for r in comp.rows}
+    row_of = {r.get("pool", r.get("model")): r for r in comp.rows}
     im = None
     for i, name in enumerate(names):
         ax = axes[i // cols][i % cols]
@@ -170,7 +237,7 @@ def comparison_grid(comp, same_scale: bool = False, cols: int | None = None):
                        vmax=vmax if same_scale else (float(data.max()) or 1.0))
         trf = _safe_trf(res)
         if trf is not None and not getattr(trf, "is_global", False):
-            draw_trf_box(ax, trf, data.shape)
+            draw_trf_box(ax, trf, data.shape, annotate=False)
         fit = res.fit
         if fit is not None:
             rr, cc = ellipse_points(np.asarray(fit.center), np.asarray(fit.cov), 2)
@@ -179,30 +246,40 @@ def comparison_grid(comp, same_scale: bool = False, cols: int | None = None):
         ax.set_ylim(data.shape[0] - 0.5, -0.5)
         row = row_of.get(name, {})
         ratio = row.get("erf_trf_ratio")
-        sub = f"ERF {row.get('erf_size', float('nan')):.0f} px"
+        size = row.get("erf_size")
+        sub = f"ERF {size:.0f} px" if isinstance(size, (int, float)) and np.isfinite(size) else "ERF —"
         if ratio is not None and np.isfinite(ratio):
             sub += f", ERF/TRF {ratio:.2f}"
         if row.get("trf_global"):
             sub += " (global)"
-        ax.set_title(f"{name}\n{sub}", fontsize=8.5)
+        elif trf is not None and any(s > n_ for s, n_ in zip(trf.size, data.shape)):
+            sub += " (TRF > input)"
+        ax.set_title(_wrap(f"{name}\n{sub}", 2.4, 8.5), fontsize=8.5)
         ax.tick_params(labelsize=6.5)
         if not same_scale:
             cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
             cb.ax.tick_params(labelsize=6)
             cb.formatter.set_powerlimits((-2, 3))
             cb.ax.yaxis.get_offset_text().set_fontsize(6)
+            cb.set_label("mean contribution", fontsize=6.5)
     for j in range(n, rows * cols):
         axes[j // cols][j % cols].set_visible(False)
     if same_scale and im is not None:
-        cb = fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01)
-        cb.set_label("share of the gradient mass per pixel", fontsize=9)
+        cb = fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.025 if cols > 2 else 0.05, pad=0.01)
+        cb.set_label("share of the map's mass per pixel (each map sums to 1)", fontsize=8.5)
+        cb.formatter.set_powerlimits((-2, 3))
     opts = comp.options
     shape = "x".join(str(s) for s in opts.get("input_shape", []))
-    fig.suptitle(opts.get("caption") or  # compare(models=...) writes its own
-                 f"ERF of the centre unit of pooling_net(module), input {shape}, "
-                 f"{opts.get('init')} init, reduce={opts.get('reduce')}, "
-                 f"{opts.get('groups', 0) * opts.get('draws', 0)} weight draws x {opts.get('n_inputs')} inputs\n"
-                 "dashed box: TRF;  cyan: 2σ ellipse of the fitted Gaussian", fontsize=10)
+    title = opts.get("caption") or (  # compare(models=...) writes its own
+        f"ERF of the centre unit of pooling_net(module), input {shape}, {opts.get('init')} init, "
+        f"reduce={opts.get('reduce')}, {opts.get('groups', 0) * opts.get('draws', 0)} weight draws x "
+        f"{opts.get('n_inputs')} inputs")
+    fig.suptitle(_wrap(title, width, 10), fontsize=10)
+    note = ("dashed box: TRF (clipped at the border when larger than the input); cyan: 2σ ellipse of the "
+            "fitted Gaussian; " + ("one colour scale for all panels" if same_scale else "each panel on its own scale"))
+    first = comp.results[names[0]] if names else None
+    cap = provenance_caption(getattr(first, "meta", {}).get("provenance") if first is not None else None, width=10**6)
+    fig.supxlabel(_wrap(note + ("\n" + cap if cap else ""), width, 7.5), fontsize=7.5, color="0.3")
     return fig
 
 
@@ -220,7 +297,7 @@ def ratio_bars(comp):
 
     rows = [r for r in comp.rows if r.get("erf_trf_ratio") is not None and np.isfinite(r["erf_trf_ratio"])]
     rows.sort(key=lambda r: r["erf_trf_ratio"])
-    fig = new_figure(6.4, 0.26 * len(rows) + 1.4)
+    fig = new_figure(7.4, 0.26 * len(rows) + 1.4)
     ax = fig.subplots()
     y = np.arange(len(rows))
     vals = [r["erf_trf_ratio"] for r in rows]
@@ -235,12 +312,16 @@ def ratio_bars(comp):
     ax.set_xlabel("ERF size / TRF side (Luo et al. size: pixels above 4.55 % of the centre)", fontsize=8.5)
     ax.set_xlim(0, max(v + e for v, e in zip(vals, errs)) * 1.12 if vals else 1)
     ax.grid(axis="x", alpha=0.3)
-    handles = [Patch(color=c, label=k) for k, c in _KIND_COLORS.items()]
-    handles.append(Patch(facecolor="lightgrey", hatch="//", edgecolor="white", label="global unit"))
+    kinds = {r.get("kind") for r in rows}  # only the kinds shown; the legend sits beside the bars
+    handles = [Patch(color=c, label=k) for k, c in _KIND_COLORS.items() if k in kinds]
+    if any(r.get("trf_global") for r in rows):
+        handles.append(Patch(facecolor="lightgrey", hatch="//", edgecolor="0.35", label="global unit"))
     if comp.options.get("models"):  # a comparison of models: no pooling kinds
         ax.set_title("ERF/TRF ratio per model (± standard error)", fontsize=10)
         return fig
-    ax.legend(handles=handles, fontsize=7, loc="lower right", framealpha=0.9)
+    if handles:
+        ax.legend(handles=handles, fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0,
+                  frameon=False, title="kind", title_fontsize=7.5)
     ax.set_title("ERF/TRF ratio per pooling module (± standard error)", fontsize=10)
     return fig
 
@@ -281,15 +362,19 @@ def map_figure(result, title: str | None = None):
     """Four panels of one 2-D ERF: linear heatmap, log heatmap (TRF box, fitted 1σ/2σ ellipses),
     and the row and column through the unit's TRF centre against the fitted Gaussian.
 
-    The log view is log10(1 + 10^4 map / max) / 4, which shows the tails down to 1e-4 of the peak.
+    The log view is map / peak on a logarithmic colour scale (ticks in decades, down to 1e-4);
+    the caption names the inputs, weights, protocol and versions (``meta["provenance"]``).
     """
     data = result.nonnegative_map
     if data.ndim == 3:
         data = data[data.shape[0] // 2]
-    fig = new_figure(10.5, 8.4)
+    fig = new_figure(10.5, 8.6)
     axes = fig.subplots(2, 2)
-    plot_result(result, ax=axes[0, 0], title="linear scale")
-    plot_result(result, ax=axes[0, 1], log=True, title="log scale (1e-4 of the peak and up)")
+    proto = _protocol_name(result)
+    first = {"replknet": "RepLKNet's view: log10(map + 1) / max", "openerf": "OpenERF's view: map / sum"}.get(
+        proto, "linear scale")
+    plot_result(result, ax=axes[0, 0], title=first)
+    plot_result(result, ax=axes[0, 1], log=True, title="log scale: decades below the peak")
     trf = _safe_trf(result)
     fit = result.fit
     if trf is not None and all(0 <= c <= n - 1 for c, n in zip(trf.center, data.shape)):
@@ -313,6 +398,10 @@ def map_figure(result, title: str | None = None):
         ax.legend(fontsize=7)
         ax.set_xlim(-0.5, prof.size - 0.5)
     fig.suptitle(title or _title(result), fontsize=10)
+    caption = provenance_caption(getattr(result, "meta", {}).get("provenance"), width=140)
+    caption = ("σ moments: from second moments of the map; ellipses and σ fit: least-squares Gaussian fit"
+               + ("\n" + caption if caption else ""))
+    fig.supxlabel(caption, fontsize=7, color="0.3")
     return fig
 
 
