@@ -234,14 +234,15 @@ def _shared_prefix_strip(state: dict, own: set[str]) -> tuple[dict, str] | None:
         return None
     prefix = firsts.pop() + "."
     cut = {k[len(prefix):]: v for k, v in state.items()}
-    return (cut, prefix) if set(cut) == own else None
+    return (cut, prefix) if set(cut) <= own else None
 
 
 def mismatch_message(state: Mapping, model: nn.Module, limit: int = 4) -> str | None:
     """One line naming missing and unexpected keys and shape differences; ``None`` when the keys and
     shapes match."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
+    # BatchNorm fills in a missing num_batches_tracked itself (files saved without it load in torch)
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     shapes = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in own
               if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -274,7 +275,7 @@ def apply_state_dict(model: nn.Module, state: dict, report: WeightsReport, *, ar
     """
     own = set(model.state_dict())
     detail = mismatch_message(state, model)
-    if detail is not None and set(state) != own:
+    if detail is not None and not set(state) <= own:
         cut = _shared_prefix_strip(state, own)
         if cut is not None and mismatch_message(cut[0], model) is None:
             state, prefix = cut
