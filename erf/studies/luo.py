@@ -155,7 +155,7 @@ def _training_claim(seeds: int, epochs: int, n_train: int, size: int, progress: 
         torch.manual_seed(1000 + s)
         model = pooling_classifier("max", 4, depth=2, width=16)
         run = train(model, "shapes", epochs=epochs, erf_every=epochs, n_train=n_train, n_test=128, size=size,
-                    lr=3e-3, batch_size=32, seed=s, erf_n=16, progress=progress)
+                    lr=3e-3, batch_size=16, seed=s, erf_n=16, progress=progress)
         for kind in ("task", "gaussian"):
             before[kind].append(run.history[0]["erf"][kind]["erf_size"])
             after[kind].append(run.history[-1]["erf"][kind]["erf_size"])
@@ -216,8 +216,10 @@ def luo2016(quick: bool = False, depths: Sequence[int] = (5, 10, 20, 40),
             v = {"holds": "contradicts", "contradicts": "holds"}.get(verdict_greater(r, se), "inconclusive")
         else:
             v = "holds" if abs(r - 1) <= max(2 * se, 0.05) else "contradicts"
-        claims.append({"claim": f"{name.split(' (')[0].split(' x')[0]} makes the ERF {expect} than a plain stack "
-                                f"of {depth} layers", "measured": r, "stderr": se,
+        verb = {"larger": "enlarges the ERF", "smaller": "shrink the ERF", "unchanged": "leaves the ERF unchanged"}[expect]
+        what = name.split(" (")[0].split(" x")[0].split(" p=")[0]
+        claims.append({"claim": f"{what} {verb} (vs a plain stack of {depth} layers)", "measured": r,
+                       "stderr": se,
                        "expected": {"larger": "> 1", "smaller": "< 1", "unchanged": "1"}[expect], "verdict": v,
                        "note": f"ratio of ERF sizes ({sa:.1f} / {sb:.1f} px), {side}x{side} input, ReLU, jackknife"})
 
@@ -254,27 +256,43 @@ def luo2016(quick: bool = False, depths: Sequence[int] = (5, 10, 20, 40),
 
 
 def _luo_figure(result: StudyResult):
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
     from erf.plot import new_figure
 
     from ._figures import map_row
 
     series, maps = result.data["series"], result.data["maps"]
-    fig = new_figure(14, 8)
-    gs = fig.add_gridspec(2, 6)
+    fig = new_figure(14, 8.5)
+    gs = fig.add_gridspec(2, 6, height_ratios=[1.25, 1])
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    d = np.asarray(next(iter(series.values()))["depth"], float)
+
+    def loglog(ax):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(d)
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(plain)
+            axis.set_minor_formatter(NullFormatter())
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_xlabel("depth (3x3 layers)")
+
     ax = fig.add_subplot(gs[0, 0:2])
     for i, (act, s) in enumerate(series.items()):
-        ax.loglog(s["depth"], s["erf"], "o-", color=f"C{i}", label=act)
-    d = np.asarray(next(iter(series.values()))["depth"], float)
-    ax.loglog(d, next(iter(series.values()))["trf"], "k--", label="TRF")
-    ax.loglog(d, 8.307 * np.sqrt(d / 5), ":", color="0.4", label="∝ depth^0.5")
-    ax.set_xlabel("depth")
+        ax.plot(s["depth"], s["erf"], "o-", color=f"C{i}", label=act)
+    ax.plot(d, next(iter(series.values()))["trf"], "k--", label="TRF")
+    ax.plot(d, 8.307 * np.sqrt(d / 5), ":", color="0.4", label="∝ depth^0.5")
+    loglog(ax)
+    ax.set_yticks([5, 10, 20, 40, 80])
     ax.set_ylabel("ERF size (px)")
     ax.set_title("1. ERF size against depth", fontsize=9)
     ax.legend(fontsize=7)
     ax = fig.add_subplot(gs[0, 2:4])
     for i, (act, s) in enumerate(series.items()):
-        ax.loglog(s["depth"], [a / b for a, b in zip(s["erf"], s["trf"])], "o-", color=f"C{i}", label=act)
-    ax.set_xlabel("depth")
+        ax.plot(s["depth"], [a / b for a, b in zip(s["erf"], s["trf"])], "o-", color=f"C{i}", label=act)
+    loglog(ax)
+    ax.set_yticks([0.2, 0.3, 0.5, 0.7, 1.0])
     ax.set_ylabel("ERF / TRF")
     ax.set_title("ERF/TRF shrinks as depth^-0.5", fontsize=9)
     ax.legend(fontsize=7)
@@ -284,14 +302,17 @@ def _luo_figure(result: StudyResult):
     ax.errorbar([c["measured"] for c in claims], y, xerr=[2 * c["stderr"] for c in claims], fmt="o", capsize=3)
     ax.axvline(1, color="0.5", lw=0.8)
     ax.set_yticks(y)
-    ax.set_yticklabels([f"{c['claim'][:38]}… [{c['verdict']}]" for c in claims], fontsize=6)
-    ax.set_xlabel("ratio (± 2 se)")
-    ax.set_title("2-5. ratios against the plain stack / before training", fontsize=9)
+    ax.set_yticklabels([f"{c['claim'].split(' (vs')[0]}\n[{c['verdict']}]" for c in claims], fontsize=7)
+    ax.set_xlabel("ratio of ERF sizes (± 2 se)")
+    ax.set_title("2-5. against the plain stack / before training", fontsize=9)
     names = [k for k in ("plain", "subsampling", "dilation", "residual") if k in maps]
     axes = [fig.add_subplot(gs[1, j]) for j in range(6)]
-    map_row(fig, axes[:4], [maps[k] for k in names], [f"{k} (10 ReLU layers)" for k in names])
+    for ax, k in zip(axes, names):  # each on its own scale: the residual map's peak dwarfs the others
+        m = maps[k]
+        c, h = m.shape[0] // 2, 24
+        map_row(fig, [ax], [m[c - h:c + h + 1, c - h:c + h + 1]], [f"{k}, 10 ReLU layers\n(central 49 px)"])
     if "train_before" in maps:
         map_row(fig, axes[4:], [maps["train_before"], maps["train_after"]],
-                ["max-pool net before training\n(Gaussian inputs)", "after training"])
+                ["max-pool net before training\n(Gaussian inputs)", "after training\n(same colour scale)"])
     fig.suptitle(f"Luo et al. (2016), claim by claim ({result.seconds:.0f} s)", fontsize=10)
     return fig

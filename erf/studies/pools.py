@@ -31,7 +31,7 @@ def _train_one(pool: str, task: str, seed: int, epochs: int, n_train: int, size:
     torch.manual_seed(1000 + seed)
     model = pooling_classifier(pool, tasks.classes_of(task), depth=depth, width=width)
     return train(model, task, epochs=epochs, erf_every=epochs, n_train=n_train, n_test=256, size=size, lr=3e-3,
-                 batch_size=32, seed=seed, erf_n=16, pool_lr=pool_lr, dynopool_cost=dynopool_cost, progress=progress)
+                 batch_size=16, seed=seed, erf_n=16, pool_lr=pool_lr, dynopool_cost=dynopool_cost, progress=progress)
 
 
 def _values(h: dict, kind: str) -> dict[str, float | None]:
@@ -131,7 +131,7 @@ def trained_pools(quick: bool = False, pools: Sequence[str] | None = None, task:
     config = {"quick": quick, "pools": pools, "task": task, "seeds": seeds, "epochs": epochs, "n_train": n_train,
               "size": size, "depth": depth, "width": width, "seed": seed, "model": "pooling_classifier"}
     notes = [f"pooling_classifier(module, depth={depth}, width={width}) (BatchNorm after each conv) on {task} "
-             f"{size} px, {n_train} training images, {epochs} epochs, Adam lr 3e-3, seeds {seed}..{seed + seeds - 1}; "
+             f"{size} px, {n_train} training images, {epochs} epochs, Adam lr 3e-3, batch 16, seeds {seed}..{seed + seeds - 1}; "
              "ERF of the centre unit of `features`, reduce=abs, 16 inputs; mean ± standard error over seeds."]
     tables["_data"] = (data_rows, list(data_rows[0].keys()), {})
     return StudyResult("trained-pools", tables, config, time.perf_counter() - t0, _pools_figure,
