@@ -471,6 +471,52 @@ def _weights_of(result) -> dict | None:
     return (result.meta.get("provenance") or {}).get("weights")
 
 
+def _model_row(e: _Entry, layer: Any, input_shape: tuple[int, ...], groups: int, draws: int, n_inputs: int,
+               kaiming: bool, engine_init: Any, reduce: str, seed: int, options: dict, bar: Any,
+               results: dict) -> dict[str, Any]:
+    """One model of :func:`compare_models`: its groups, merged map (into ``results``) and table row."""
+    from erf.engine import effective_rf
+
+    t0 = time.perf_counter()
+    model = e.model
+    if kaiming and not e.fixed:
+        base = e.model
+
+        def model(base=base):  # the He-initialised variant of the factory
+            return kaiming_init(base())
+
+        model.__qualname__ = f"{e.spec}+kaiming"
+    parts = []
+    for g in range(groups):
+        bar.set_postfix_str(e.name)
+        if e.fixed:
+            kw = dict(n_inputs=draws * n_inputs, draws=1, first_draw=g, init="default")
+        else:
+            kw = dict(n_inputs=n_inputs, draws=draws, first_draw=g * draws, init=engine_init)
+        res = effective_rf(model, input_shape, layer=layer, reduce=reduce, seed=seed,
+                           progress=False, **kw, **options)
+        if isinstance(res, dict):
+            raise ValueError(f"layer: one layer per model in compare, got a list for {e.name!r}")
+        parts.append(res)
+        bar.update(1)
+    side, is_global = _trf_side(parts[0].trf)
+    merged = _merge_all(parts)
+    full = numbers_of(merged, side)
+    se = jackknife(full, _leave_one_out(merged, parts, side))
+    w = _weights_of(merged)
+    row: dict[str, Any] = {"model": e.name, "pool": e.name, "spec": e.spec, "layer": merged.layer or "output",
+                           "unit": list(merged.unit),
+                           "weights": None if not w else os.path.basename(w.get("file") or w.get("path")),
+                           "weights_sha256": None if not w else w.get("sha256"), "kind": e.kind,
+                           "locality": "global" if is_global else "local",
+                           "trf_size": None if side is None else round(side, 3), "trf_global": is_global}
+    for key in NUMBERS:
+        row[key], row[f"{key}_se"] = full[key], se[key]
+    row["n"], row["seconds"] = merged.n, round(time.perf_counter() - t0, 3)
+    results[e.name] = merged
+    return row
+
+
 def compare_models(models: Any, input_shape: Sequence[int] | None = None, *, groups: int = 4, draws: int = 3,
                    n_inputs: int = 4, init: str | Callable | None = None, reduce: str = "abs", seed: int = 0,
                    progress: bool = True, **options) -> Comparison:
@@ -497,8 +543,6 @@ def compare_models(models: Any, input_shape: Sequence[int] | None = None, *, gro
         ValueError, TypeError: bad models, names, layers, shapes or options (each naming the argument).
     """
     from tqdm.auto import tqdm
-
-    from erf.engine import effective_rf
 
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 2:
         raise ValueError(f"groups must be an int >= 2 (standard errors need two groups), got {groups!r}")
@@ -541,45 +585,11 @@ def compare_models(models: Any, input_shape: Sequence[int] | None = None, *, gro
     bar = tqdm(total=len(entries) * groups, disable=None if progress else True, delay=1.0, unit="group",
                desc="compare", file=sys.stderr, dynamic_ncols=True, leave=False)
     try:
-        for e in entries:
-            t0 = time.perf_counter()
-            model = e.model
-            if kaiming and not e.fixed:
-                base = e.model
-
-                def model(base=base):  # the He-initialised variant of the factory
-                    return kaiming_init(base())
-
-                model.__qualname__ = f"{e.spec}+kaiming"
-            parts = []
-            for g in range(groups):
-                bar.set_postfix_str(e.name)
-                if e.fixed:
-                    kw = dict(n_inputs=draws * n_inputs, draws=1, first_draw=g, init="default")
-                else:
-                    kw = dict(n_inputs=n_inputs, draws=draws, first_draw=g * draws, init=engine_init)
-                res = effective_rf(model, input_shape, layer=layers[e.name], reduce=reduce, seed=seed,
-                                   progress=False, **kw, **options)
-                if isinstance(res, dict):
-                    raise ValueError(f"layer: one layer per model in compare, got a list for {e.name!r}")
-                parts.append(res)
-                bar.update(1)
-            side, is_global = _trf_side(parts[0].trf)
-            merged = _merge_all(parts)
-            full = numbers_of(merged, side)
-            se = jackknife(full, _leave_one_out(merged, parts, side))
-            w = _weights_of(merged)
-            row: dict[str, Any] = {"model": e.name, "pool": e.name, "spec": e.spec, "layer": merged.layer or "output",
-                                   "unit": list(merged.unit),
-                                   "weights": None if not w else os.path.basename(w.get("file") or w.get("path")),
-                                   "weights_sha256": None if not w else w.get("sha256"), "kind": e.kind,
-                                   "locality": "global" if is_global else "local",
-                                   "trf_size": None if side is None else round(side, 3), "trf_global": is_global}
-            for key in NUMBERS:
-                row[key], row[f"{key}_se"] = full[key], se[key]
-            row["n"], row["seconds"] = merged.n, round(time.perf_counter() - t0, 3)
-            rows.append(row)
-            results[e.name] = merged
+        with warnings.catch_warnings():
+            warnings.simplefilter("once")  # a model's warning (degenerate unit, ...) once, not once per group
+            for e in entries:
+                rows.append(_model_row(e, layers[e.name], input_shape, groups, draws, n_inputs, kaiming,
+                                       engine_init, reduce, seed, options, bar, results))
     finally:
         bar.close()
     shape = "x".join(str(x) for x in input_shape)
