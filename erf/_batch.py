@@ -108,6 +108,22 @@ def run_split(fn: Callable[[int, int], Any], lo: int, hi: int, run: Any) -> list
     return run_split(fn, lo, mid, run) + run_split(fn, mid, hi, run)
 
 
+def check_one_sample_fits(run: Any, per_sample: int) -> None:
+    """CPU: refuse (ValueError naming input_shape) a run whose one sample needs more than the memory
+    available (host RAM capped by the cgroup limit): it would be killed (exit 137) without a message."""
+    if run.device.type != "cpu":
+        return  # the GPU measures its probe and backs off on out-of-memory errors
+    from erf._memory import describe
+    from erf.engine import _free_memory
+
+    available = _free_memory(run.device)
+    if per_sample > available:
+        raise ValueError(f"input_shape {tuple(run.input_shape)}: one sample needs about {describe(per_sample)} "
+                         f"(activations and gradients) but only {describe(available)} is available (free RAM, "
+                         "capped by the container's cgroup limit); use a smaller input_shape or a layer "
+                         "closer to the input")
+
+
 def choose_batch_size(run: Any) -> int:
     """``run.batch_size_used``: the request (CPU: clamped to free RAM) or the automatic batch.
 
@@ -117,6 +133,7 @@ def choose_batch_size(run: Any) -> int:
     per_sample = run.per_sample_bytes
     if run.crop_plan is not None:
         per_sample = max(1, int(per_sample * run.crop_plan.fraction))
+    check_one_sample_fits(run, per_sample)
     if run.batch_size is not None:
         return clamp_requested(run, run.batch_size, per_sample)
     total = run.source.n if run.source.n is not None else 32

@@ -22,6 +22,20 @@ BLOCK = 32  #: inputs per random block
 
 _CURRENT: contextvars.ContextVar[torch.Generator | None] = contextvars.ContextVar(
     "erf_generator", default=None)
+#: (offset, batch size, block size) of the batch being run inside its block of inputs
+_SLICE: contextvars.ContextVar[tuple[int, int, int] | None] = contextvars.ContextVar("erf_slice", default=None)
+
+
+@contextlib.contextmanager
+def batch_slice(offset: int, n: int, block: int) -> Iterator[None]:
+    """Inputs ``offset .. offset+n-1`` of a block of ``block`` inputs run as one batch: per-sample noise
+    (``rand(..., batch=True)``) is drawn for the whole block and sliced, so a block split across
+    batches gets the noise it gets as one batch."""
+    token = _SLICE.set((offset, n, block))
+    try:
+        yield
+    finally:
+        _SLICE.reset(token)
 
 
 def key_seed(*parts: int | str) -> int:
@@ -53,11 +67,18 @@ def current_generator() -> torch.Generator | None:
 
 
 def rand(*shape: int, device: torch.device | str | None = None,
-         dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """U(0, 1) samples from the current keyed stream, on ``device``."""
+         dtype: torch.dtype = torch.float32, batch: bool = False) -> torch.Tensor:
+    """U(0, 1) samples from the current keyed stream, on ``device``.
+
+    ``batch=True``: the first axis is the batch; inside :func:`batch_slice` the samples of the whole
+    block are drawn and this batch's rows returned (independent of how the block is split)."""
     g = _CURRENT.get()
     if g is None:
         return torch.rand(*shape, device=device, dtype=dtype)
+    sl = _SLICE.get()
+    if batch and sl is not None and shape and shape[0] == sl[1] and sl[2] > sl[1]:
+        full = torch.rand(sl[2], *shape[1:], generator=g, dtype=dtype)
+        return full[sl[0]: sl[0] + sl[1]].to(device)
     return torch.rand(*shape, generator=g, dtype=dtype).to(device)
 
 

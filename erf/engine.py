@@ -310,14 +310,9 @@ def _free_memory(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 << 30
+    from erf._memory import cpu_available
+
+    return cpu_available()  # host MemAvailable capped by the cgroup (container) limit
 
 
 def _jsonable(value: Any) -> Any:
@@ -432,7 +427,9 @@ class _Run:
                           stacklevel=3)
         check_conv_rank(self.model0, self.input_shape)
         # Probe: one sample through the network, to learn the output shapes and the memory per sample.
-        x = torch.zeros((1,) + self.input_shape, device=self.device,
+        # two samples in train mode: BatchNorm after global pooling refuses one value per channel
+        probe_n = 2 if self.train_mode else 1
+        x = torch.zeros((probe_n,) + self.input_shape, device=self.device,
                         dtype=torch.float64 if self.dtype == torch.float64 else torch.float32)
         act_bytes = [0]
 
@@ -453,7 +450,7 @@ class _Run:
             out = t.prepare(outs[t.layer])
             t.configure(out, self.unit_arg, self.channel_arg)
         in_bytes = int(np.prod(self.input_shape)) * 4
-        self.per_sample_bytes = 3 * act_bytes[0] + 4 * in_bytes
+        self.per_sample_bytes = 3 * act_bytes[0] // probe_n + 4 * in_bytes
         map_shape = self.input_shape[1:]
         self.stats = [RunningMoments.zeros(map_shape, self.device) for _ in self.targets]
         self.skipped = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -469,9 +466,10 @@ class _Run:
         self.crop_plan = plan_crop(self) if self.crop else None
         self.stacker = plan_stacking(self, self.vmap_draws)
         self.batch_size_used = choose_batch_size(self)
-        if self.train_mode:
+        if self.train_mode and self.batch_size is None:
             # Stochastic modules draw one sample of noise per forward, keyed by its block of 32
-            # inputs: one block per forward keeps every map independent of the batch size.
+            # inputs: one block per forward keeps every map independent of the batch size. An
+            # explicit batch_size is kept (batches then split blocks, each keyed by its first input).
             self.batch_size_used = _rng.BLOCK
 
     # -- forward stopped at the target layers
@@ -705,10 +703,14 @@ class _Run:
             return self._maps(model, x)
         block = lo // _rng.BLOCK
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        start = block * _rng.BLOCK
+        size = _rng.BLOCK if self.source.n is None else min(_rng.BLOCK, self.source.n - start)
         with torch.random.fork_rng(devices=devices):
             key = _rng.key_seed(self.seed, "stochastic", draw, block, lo)
-            torch.manual_seed(key)
-            with _rng.use_generator(_rng.generator(self.seed, "stochastic", draw, block, lo)):
+            torch.manual_seed(key)  # torch's own RNG (nn.Dropout): keyed per batch
+            # erf's stochastic modules: keyed per block, per-sample noise sliced from the whole block's
+            with _rng.use_generator(_rng.generator(self.seed, "stochastic", draw, block, start)), \
+                    _rng.batch_slice(lo - start, hi - lo, size):
                 return self._maps(model, x)
 
     def _accumulate(self, maps: list[torch.Tensor], draw: int, lo: int, hi: int) -> None:

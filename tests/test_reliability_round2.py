@@ -605,3 +605,77 @@ def test_item3_result_of_an_unanalysable_model_has_no_trf_and_no_ratio(tmp_path)
         assert res.metrics["erf_trf_ratio"] is None
     res.save(tmp_path / "r.npz")
     assert "not a plain chain" in erf.load(tmp_path / "r.npz").trf_reason
+
+
+# ============================================================================== item 5: memory
+from erf import _memory  # noqa: E402
+
+
+def _tree(tmp, files: dict[str, str], cgroup: str):
+    for rel, text in files.items():
+        p = tmp / "cg" / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    (tmp / "proc").write_text(cgroup)
+    return str(tmp / "cg"), str(tmp / "proc")
+
+
+_GIB = 1 << 30
+_CGROUPS = [
+    ("v2 limit", {"memory.max": f"{2 * _GIB}\n", "memory.current": f"{_GIB // 2}\n"}, "0::/\n", _GIB * 3 // 2),
+    ("v2 unlimited", {"memory.max": "max\n", "memory.current": "100\n"}, "0::/\n", None),
+    ("v2 nested, parent tighter", {"a/memory.max": f"{8 * _GIB}", "a/memory.current": "0", "a/b/memory.max": "max",
+                                   "a/b/memory.current": "0", "memory.max": f"{_GIB}", "memory.current": "0"},
+     "0::/a/b\n", _GIB),
+    ("v2 page cache is reclaimable", {"memory.max": f"{2 * _GIB}", "memory.current": f"{_GIB}",
+                                      "memory.stat": f"anon 1\ninactive_file {_GIB // 2}\n"}, "0::/\n", _GIB * 3 // 2),
+    ("v1 limit", {"memory/memory.limit_in_bytes": f"{4 * _GIB}", "memory/memory.usage_in_bytes": f"{_GIB}"},
+     "5:memory:/\n3:cpu,cpuacct:/\n", 3 * _GIB),
+    ("v1 unlimited", {"memory/memory.limit_in_bytes": "9223372036854771712", "memory/memory.usage_in_bytes": "1"},
+     "5:memory:/\n", None),
+    ("v1 own group", {"memory/job/memory.limit_in_bytes": f"{_GIB}", "memory/job/memory.usage_in_bytes": "0",
+                      "memory/memory.limit_in_bytes": "9223372036854771712"}, "7:memory:/job\n", _GIB),
+    ("none", {}, "", None)]
+
+
+@pytest.mark.parametrize("name,files,cgroup,expected", _CGROUPS, ids=[c[0] for c in _CGROUPS])
+def test_item5_memory_comes_from_the_cgroup_limit(name, files, cgroup, expected, tmp_path):
+    root, proc = _tree(tmp_path, files, cgroup)
+    assert _memory.cgroup_available(root, proc) == expected
+
+
+def test_item5_one_sample_that_cannot_fit_is_refused_and_train_mode_keeps_the_batch(monkeypatch):
+    monkeypatch.setattr(erf.engine, "_free_memory", lambda device: 1 << 20)  # a 1 MiB container
+    with pytest.raises(ValueError, match=r"input_shape \(1, 256, 256\): one sample needs about .* only 1.0 MiB"):
+        erf.effective_rf(_conv(), (1, 256, 256), n_inputs=2, progress=False, device="cpu")
+    monkeypatch.undo()
+    res = erf.effective_rf(_conv(), SHAPE, n_inputs=4, batch_size=1, train_mode=True, progress=False, device="cpu")
+    assert res.config["batch_size"] == 1
+
+
+# ============================================================================== item 8: smaller ones
+class _GlobalBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.c(x) + self.bn(F.adaptive_avg_pool2d(self.c(x), 1))
+
+
+def test_item8_batchnorm_after_global_pooling_in_train_mode_runs():
+    with pytest.warns(UserWarning, match="BatchNorm"):
+        res = erf.effective_rf(_GlobalBN(), SHAPE, n_inputs=4, batch_size=2, train_mode=True, progress=False,
+                               device="cpu")
+    assert res.n == 4 and np.isfinite(res.map).all()
+
+
+@pytest.mark.parametrize("pool", ["s3", "fractional", "mixed", "stochastic"])
+def test_item5_train_mode_explicit_batch_keeps_the_block_noise(pool):
+    net = erf.nets.pooling_net(pool, width=4, depth=2)
+    kw = dict(n_inputs=36, train_mode=True, progress=False, seed=2, device="cpu")
+    auto = erf.effective_rf(net, (3, 24, 24), **kw)
+    small = erf.effective_rf(net, (3, 24, 24), batch_size=5, **kw)
+    assert auto.config["batch_size"] == 32 and small.config["batch_size"] == 5
+    np.testing.assert_allclose(small.map, auto.map, rtol=1e-6, atol=1e-12)

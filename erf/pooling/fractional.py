@@ -71,7 +71,7 @@ class FractionalMaxPool2d(nn.Module):
         out = self._out_size(h, w)
         if _random_samples is None:
             if self.training:
-                _random_samples = _rng.rand(n, c, 2, device=x.device, dtype=x.dtype)
+                _random_samples = _rng.rand(n, c, 2, device=x.device, dtype=x.dtype, batch=True)
             else:
                 _random_samples = self.eval_samples.to(x.device, x.dtype).expand(n, c, 2)
         self._dtype = x.dtype

@@ -49,7 +49,7 @@ class MixedPool2d(WindowPool2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mx, av = _max_avg(x, self.kernel_size, self.stride, self.padding)
         if self.training:
-            lam = (_rng.rand(x.shape[0], x.shape[1], 1, 1, device=x.device, dtype=x.dtype)
+            lam = (_rng.rand(x.shape[0], x.shape[1], 1, 1, device=x.device, dtype=x.dtype, batch=True)
                    < self.p_max).to(x.dtype)
         else:
             lam = self.p_max

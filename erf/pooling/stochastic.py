@@ -40,7 +40,7 @@ def stochastic_pool2d(x: torch.Tensor, kernel_size=2, stride=None, padding=0,
         return torch.where(pos, s2 / torch.where(pos, s1, torch.ones_like(s1)), torch.zeros_like(s1))
     win = windows(a, kernel_size, stride, padding)  # (N, C, H', W', K)
     cum = win.detach().cumsum(-1)
-    u = _rng.rand(*win.shape[:4], 1, device=x.device, dtype=x.dtype) * cum[..., -1:]
+    u = _rng.rand(*win.shape[:4], 1, device=x.device, dtype=x.dtype, batch=True) * cum[..., -1:]
     idx = (cum <= u).sum(-1, keepdim=True).clamp_max(win.shape[-1] - 1)
     return win.gather(-1, idx).squeeze(-1)
 
