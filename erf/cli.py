@@ -632,6 +632,28 @@ def cmd_study(args) -> Outcome:
     return Outcome(result.to_dict(), md, files)
 
 
+def cmd_analyze(args) -> Outcome:
+    """Re-score a saved map (.npz result or a bare .npy of RepLKNet/OpenERF scripts) under a protocol."""
+    from erf.protocols import analyze
+
+    summary, result = analyze(args.file, args.protocol)
+    rows = [{"quantity": k, "value": v} for k, v in summary.items() if k not in ("metrics", "erf_metrics")]
+    for k, v in (summary.get("erf_metrics") or {}).items():
+        rows.append({"quantity": f"erf {k}", "value": v})
+    for proto, met in summary["metrics"].items():
+        for k, v in met.items():
+            if k != "protocol":
+                rows.append({"quantity": f"{proto} {k}", "value": v})
+    stem = os.path.splitext(os.path.basename(args.file))[0]
+    files = []
+    if len(summary["shape"]) == 2:
+        from erf.plot import map_figure
+
+        title = f"{os.path.basename(args.file)}: " + (f"{summary['protocol']} view" if summary["protocol"] else "map")
+        files.append((_out_path(args, f"analyze_{stem}"), _figure_writer(map_figure(result, title=title))))
+    return Outcome(summary, _markdown(rows, ["quantity", "value"]), files)
+
+
 def cmd_pools(args) -> Outcome:
     """The pooling modules of ``erf.pooling.REGISTRY`` with kind, locality, receptive-field rule and paper."""
     from erf.pooling import REGISTRY
@@ -654,6 +676,7 @@ _EPILOG = {
     "growth": "example:\n  erf growth                        # linear, ReLU and tanh stacks\n"
               "  erf growth --acts linear --depths 8,16,32,64",
     "pools": "example:\n  erf pools --json",
+    "analyze": "example:\n  erf analyze resnet101_erf_matrix.npy --protocol replknet",
     "train": "example:\n  erf train pool:dynopool --task stretched --epochs 6 --erf-every 2\n"
              "  erf train pool:max --task shapes --epochs 4 --out runs --json",
     "study": "example:\n  erf study luo2016 --quick\n  erf study trained-pools\n  erf study dynopool --out figures",
@@ -791,6 +814,20 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--device")
     gr.add_argument("--seed", type=int, default=0)
     gr.set_defaults(func=cmd_growth)
+
+    an = sub.add_parser("analyze", parents=[out], help="re-score a saved map (.npz or a bare .npy) under a protocol",
+                        description="Re-score a saved ERF map under a published protocol's metrics and figure: an "
+                                    "erf result (.npz) or the bare .npy matrix that RepLKNet's visualize_erf.py or "
+                                    "OpenERF save (RepLKNet's float32 matrix is scored exactly as analyze_erf.py).",
+                        epilog="example:\n  erf analyze resnet101_erf_matrix.npy --protocol replknet\n"
+                               "  erf analyze figures/map_pool-max.npz --protocol openerf --json",
+                        formatter_class=fmt)
+    an.add_argument("file", metavar="FILE", help="a .npz written by erf (ERFResult.save) or a 2-D .npy map")
+    from erf.protocols import PROTOCOLS
+
+    an.add_argument("--protocol", choices=sorted(PROTOCOLS),
+                    help="score and show the map as this protocol does (default: the result's own, or all that apply)")
+    an.set_defaults(func=cmd_analyze)
 
     po = sub.add_parser("pools", parents=[out], help="the pooling modules and their receptive-field rules",
                         description="The pooling modules of erf.pooling with kind, locality, receptive-field "

@@ -523,17 +523,17 @@ def provenance_caption(prov: dict | None, width: int = 150) -> str:
                 f", crop {pp.get('crop_pct')}" if pp.get("resize") != "squash" else "")
         parts.append(desc)
     elif inp:
-        parts.append(f"inputs {inp.get('kind')} x {inp.get('n')}")
+        parts.append(f"inputs {inp.get('kind')}" + (f" x {inp['n']}" if inp.get("n") is not None else ""))
     w = prov.get("weights")
     if isinstance(w, dict) and w.get("file"):
         parts.append(f"weights {os.path.basename(w['file'])} sha256 {str(w.get('sha256', ''))[:12]}")
-    else:
+    elif "weights" in prov:
         parts.append("weights: own initialisation")
     if prov.get("protocol"):
         parts.append(f"protocol {prov['protocol']}")
     v = prov.get("versions") or {}
     parts.append(" / ".join(f"{k} {v[k]}" for k in ("erf", "torch", "timm") if v.get(k)))
-    text = ";  ".join(parts)
+    text = ";  ".join(p for p in parts if p)
     if len(text) > width:  # break once, at a separator near the middle
         cut = text.rfind(";  ", 0, width)
         if cut > 0:

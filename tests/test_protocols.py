@@ -267,3 +267,44 @@ def test_relu_of_mean_reduction_is_openerfs():
         g, = torch.autograd.grad(out[0, :, 6, 6].sum(), xi)
         ref = ref + torch.clamp(g[0].mean(0), min=0).numpy()
     np.testing.assert_allclose(r.map, ref / 3, rtol=0, atol=1e-14)
+
+
+# ---------------------------------------------------------------- erf analyze
+def test_analyze_rescores_saved_maps(tmp_path, capsys):
+    import json
+
+    from erf.cli import main
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:64, 0:64]
+    m = (np.exp(-((yy - 32) ** 2 + (xx - 30) ** 2) / 60.0) * 50 + rng.random((64, 64))).astype(np.float32)
+    np.save(tmp_path / "erf_matrix.npy", m)  # what RepLKNet's visualize_erf.py saves (float32)
+    out = ["--out", str(tmp_path), "--json"]
+    assert main(["analyze", str(tmp_path / "erf_matrix.npy"), "--protocol", "replknet"] + out) == 0
+    summary = json.loads(capsys.readouterr().out)
+    ref = _replknet_rectangles(m)
+    got = summary["metrics"]["replknet"]
+    assert {float(t): (got["side"][t], got["area_ratio"][t]) for t in got["side"]} == \
+        {t: (None, None) if v is None else v for t, v in ref.items()}
+    assert summary["dtype"] == "float32" and (tmp_path / "analyze_erf_matrix.png").exists()
+    # no protocol: erf's raw metrics and every protocol that applies
+    assert main(["analyze", str(tmp_path / "erf_matrix.npy")] + out) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert set(summary["metrics"]) == {"replknet", "openerf"} and summary["erf_metrics"]["erf_size"] > 0
+    radial, com_x, com_y = _radial_reference(m.astype(np.float64) / m.astype(np.float64).sum())
+    assert all(abs(summary["metrics"]["openerf"]["radial_cumulative_mass"][str(r)] - v) < 1e-12
+               for r, v in radial.items())
+    # an erf result re-scored under another protocol
+    r = erf.effective_rf(erf.nets.conv_stack(3), (1, 24, 24), init="ones", reduce="mean", n_inputs=1, progress=False)
+    r.save(tmp_path / "r.npz")
+    assert main(["analyze", str(tmp_path / "r.npz"), "--protocol", "openerf"] + out) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["protocol"] == "openerf" and summary["metrics"]["openerf"]["argmax_yx"] == [12, 12]
+    # bad input: exit 2 with one line
+    np.save(tmp_path / "signed.npy", m - 10)
+    np.save(tmp_path / "cube.npy", np.ones((2, 3, 4)))
+    for argv in (["analyze", str(tmp_path / "nope.npy")], ["analyze", str(tmp_path / "signed.npy"), "--protocol",
+                 "replknet"], ["analyze", str(tmp_path / "cube.npy")], ["analyze", str(tmp_path / "erf_matrix.npy"),
+                 "--protocol", "bogus"]):
+        assert main(argv + out) == 2
+        assert capsys.readouterr().err.count("\n") == 1
