@@ -155,6 +155,7 @@ def test_cli_compare_models(checkpoints, tmp_path, capsys):
 def test_cli_map_several_layers_one_run(tmp_path, capsys):
     """One .npz, summary row and figure per layer plus a panel figure; each layer's map equals the one of
     a run of that layer alone (the same inputs: the same forward passes serve every layer)."""
+    pytest.importorskip("timm")  # the CLI builds timm:test_resnet
     common = ["--input-shape", "3x32x32", "--n-inputs", "2", "--no-progress"]
     code = main(["map", "timm:test_resnet", "--layer", "layer1,layer2", "--json", "--out", str(tmp_path / "both")]
                 + common)

@@ -29,8 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _model(name="test_resnet", seed=0):
     torch.manual_seed(seed)
     if name.startswith("tv:"):
-        import torchvision
-
+        torchvision = pytest.importorskip("torchvision")
         return torchvision.models.get_model(name[3:], weights=None)
     return timm.create_model(name, pretrained=False)
 
