@@ -6,6 +6,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from erf._layout import Hints, LayoutPlan, plan_layout
 from erf._validate import check_channels, check_index
 
 
@@ -35,9 +36,14 @@ class Target:
     channels: list[int] | None = None
     unit_relu: bool = False
     out_shape: tuple[int, ...] | None = None  # (C, *spatial) of the prepared output
+    layout: str | None = None       # requested layout (None: inferred, erf._layout.plan_layout)
+    hints: Hints | None = None      # what the model says about its layout
+    input_shape: tuple[int, ...] | None = None
+    module: Any = None              # the layer's module (a hint for the layout), dropped after planning
+    plan: LayoutPlan | None = None  # the layout, decided on the first output seen
 
     def prepare(self, out: Any) -> torch.Tensor:
-        """Apply ``select`` and ``grid`` and check the output has channel and spatial axes."""
+        """Apply ``select`` and the layout (tokens / channels-last -> ``(N, C, *S)``) and check the axes."""
         where = f"the output of layer {self.layer!r}" if self.layer else "the model output"
         if self.select is not None:
             out = self.select(out)
@@ -45,17 +51,12 @@ class Target:
             raise TypeError(f"select: {where} is a {_describe(out)}, not a tensor; pass select=... "
                             "(e.g. select=lambda out: out[0] or out['features']) to pick one, "
                             "or layer=... to read an inner layer")
-        if self.grid is not None:
-            if out.dim() != 3:
-                raise ValueError(f"grid: {where} has shape {tuple(out.shape)}; grid expects a token "
-                                 "sequence (N, L, D)")
-            n_grid = 1
-            for g in self.grid:
-                n_grid *= g
-            if out.shape[1] < n_grid:
-                raise ValueError(f"grid {self.grid} needs {n_grid} tokens but {where} has {out.shape[1]}")
-            tokens = out[:, out.shape[1] - n_grid:, :]
-            out = tokens.transpose(1, 2).reshape(out.shape[0], out.shape[2], *self.grid)
+        if self.plan is None:
+            shape = self.input_shape if self.input_shape is not None else (1,) + tuple(out.shape[2:])
+            self.plan = plan_layout(out, shape, layout=self.layout, grid=self.grid,
+                                    hints=self.hints or Hints(), module=self.module, where=where)
+            self.module = None  # only needed for planning; do not keep the model alive
+        out = self.plan.apply(out)
         if out.dim() != self.ndim + 2:
             raise ValueError(
                 f"layer: {where} has shape {tuple(out.shape)}, which has no {self.ndim} spatial axes "
@@ -69,6 +70,19 @@ class Target:
         self.out_shape = tuple(out.shape[1:])
         self.unit = tuple(s // 2 for s in spatial) if unit is None else check_index("unit", unit, spatial)
         self.channels = check_channels(channel, out.shape[1])
+
+    def describe(self, chosen: tuple[str, str] | None = None, warnings: list[str] | None = None) -> dict:
+        """What was inferred for this target, for the result's ``meta``: layout, default layer, warnings."""
+        d: dict[str, Any] = {}
+        if self.plan is not None:
+            d["layout"] = dict(self.plan.describe(), output_spatial=list(self.out_shape[1:]))
+            if self.hints is not None and self.hints.channels_last:
+                d["layout"]["model_output_fmt"] = "NHWC"
+        if chosen is not None and chosen[0] == self.layer:
+            d["default_layer"] = {"layer": chosen[0], "reason": chosen[1]}
+        if warnings:
+            d["warnings"] = list(warnings)
+        return d
 
     def scalar(self, out: Any) -> torch.Tensor:
         out = self.prepare(out)

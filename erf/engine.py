@@ -36,6 +36,9 @@ from erf._integrity import (check_checkpoint_arrays, check_checkpoint_path, chec
                             run_fingerprint)
 from erf._io import atomic_write
 from erf._stats import RunningMoments, merge_numpy, stderr_of
+from erf._defaults import choose_default, resolve_layers
+from erf._degenerate import check_run, clip_trf
+from erf._layout import Hints, check_layout
 from erf._target import Target, check_grid
 from erf._vmap import plan_stacking
 from erf._validate import (check_choice, check_conv_rank, check_input_shape, check_int, check_positive_float,
@@ -115,8 +118,11 @@ class ERFResult:
         if self._trf is None and self._model is not None and self.trf_reason is None:
             from erf.trf import TRFUnavailable, theoretical_rf
 
-            try:
-                self._trf = theoretical_rf(self._model, self.input_shape, layer=self.layer or None, unit=self.unit)
+            from erf._layout import layout_trf
+
+            try:  # token / channels-last outputs: erf._layout (attention: global, the patch as local field)
+                self._trf = layout_trf(theoretical_rf, self._model, self.input_shape, self.layer or None, self.unit,
+                                       self.meta.get("layout"))
             except TRFUnavailable as exc:  # no field rather than a wrong one; ERF/TRF is then absent
                 self.trf_reason = str(exc)
                 warnings.warn(f"trf is None: {exc}", stacklevel=2)
@@ -146,7 +152,12 @@ class ERFResult:
         if "metrics" not in self._cache:
             from erf.fit import metrics
 
-            self._cache["metrics"] = metrics(self.nonnegative_map, trf=self.trf)
+            trf, note = clip_trf(self.trf, self.input_shape)  # a TRF larger than the input: clipped
+            if note is not None:
+                warnings.warn(note, stacklevel=2)
+                if note not in self.meta.get("warnings", []):
+                    self.meta["warnings"] = list(self.meta.get("warnings", [])) + [note]
+            self._cache["metrics"] = metrics(self.nonnegative_map, trf=trf)
         return self._cache["metrics"]
 
     def plot(self, ax=None, log: bool = False, show_trf: bool = True, show_fit: bool = True,
@@ -332,7 +343,7 @@ def _jsonable(value: Any) -> Any:
 class _Run:
     """One validated run: model draws, targets, input source and accumulation."""
 
-    def __init__(self, model, input_shape, *, layer, select, grid, unit, channel, unit_relu, inputs, n_inputs,
+    def __init__(self, model, input_shape, *, layer, select, grid, unit, layout=None, channel, unit_relu, inputs, n_inputs,
                  draws, first_draw, init, reduce, method, batch_size, device, dtype, seed, progress,
                  train_mode, nonfinite, crop, checkpoint, checkpoint_every, resume, until_stderr,
                  vmap_draws=None, distributed=False, dist_timeout=_dist.DEFAULT_TIMEOUT, fold_bn=True,
@@ -363,6 +374,7 @@ class _Run:
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
         self.grid = check_grid(grid)
+        self.layout = check_layout(layout)
         if vmap_draws is not None and not isinstance(vmap_draws, bool):
             raise TypeError(f"vmap_draws must be None, True or False, got {vmap_draws!r}")
         self.vmap_draws = vmap_draws
@@ -376,7 +388,7 @@ class _Run:
         if resume and self.checkpoint is None:
             raise ValueError("resume=True needs checkpoint=PATH")
         check_checkpoint_path(self.checkpoint, resume)
-        self.maker = DrawMaker(model, init, self.seed, self.draws)
+        self.maker = DrawMaker(model, init, self.seed, self.draws, input_shape=self.input_shape, dtype=self.dtype)
         self.source = make_source(inputs, self.n_inputs, self.input_shape, self.seed, self.draws, preprocess)
         self.inputs_desc = inputs if isinstance(inputs, str) else self.source.describe()
         self.dist = _dist.from_options(distributed, dist_timeout, self.device, source=self.source,
@@ -417,10 +429,11 @@ class _Run:
         self.model0 = self._prepare(built)
         # Module arguments name modules of the caller's model; the run works on copies, so map to paths.
         owner = self.model0 if self.maker.is_factory else self.maker.model
-        self.paths = [resolve_layer(owner, l) for l in self.layer_args]
+        self.paths = resolve_layers(owner, self.model0, self.layer_args, self.input_shape)
+        self.hints, self.chosen = Hints.of(self.model0), None
         if len(set(self.paths)) != len(self.paths):
             raise ValueError(f"layer: the list names a layer twice: {self.paths}")
-        self.targets = [Target(p, self.select, self.grid, self.ndim, unit_relu=self.unit_relu) for p in self.paths]
+        self._make_targets()
         if self.train_mode and any(isinstance(m, _BATCH_COUPLED) for m in self.model0.modules()):
             warnings.warn("train_mode=True with BatchNorm: the samples of a batch are coupled through the "
                           "batch statistics, so each map also depends on the other inputs of its batch",
@@ -446,12 +459,20 @@ class _Run:
             for h in handles:
                 h.remove()
         self._freeze(self.model0)  # lazy modules have materialised their parameters in the probe
+        if self.layer_args == [None] and self.select is None and self.grid is None and self.layout is None:
+            self.chosen = choose_default(self.model0, self.input_shape, self.hints, outs[""])
+            if self.chosen:  # a classifier: its last spatial feature map (erf._defaults)
+                self.paths = [self.chosen[0]]
+                self._make_targets()
+                with torch.no_grad(), model_accepts(self.input_shape):
+                    outs = self._forward(self.model0, x, stop=self.method == "gradient")
         for t in self.targets:
             out = t.prepare(outs[t.layer])
             t.configure(out, self.unit_arg, self.channel_arg)
         in_bytes = int(np.prod(self.input_shape)) * 4
         self.per_sample_bytes = 3 * act_bytes[0] // probe_n + 4 * in_bytes
         map_shape = self.input_shape[1:]
+        self.degenerate = check_run(self.model0, self.targets, self.input_shape, self.device, self.dtype, self.seed)
         self.stats = [RunningMoments.zeros(map_shape, self.device) for _ in self.targets]
         self.skipped = torch.zeros((), dtype=torch.float64, device=self.device)
         self.reduce_fn = _reduce_fn(self.reduce)
@@ -471,6 +492,11 @@ class _Run:
             # inputs: one block per forward keeps every map independent of the batch size. An
             # explicit batch_size is kept (batches then split blocks, each keyed by its first input).
             self.batch_size_used = _rng.BLOCK
+
+    def _make_targets(self) -> None:
+        self.targets = [Target(p, self.select, self.grid, self.ndim, unit_relu=self.unit_relu, layout=self.layout,
+                               hints=self.hints, input_shape=self.input_shape,
+                               module=self.model0.get_submodule(p) if p else None) for p in self.paths]
 
     # -- forward stopped at the target layers
     def _forward(self, model: nn.Module, x: torch.Tensor, stop: bool = True) -> dict[str, Any]:
@@ -746,7 +772,7 @@ def _protocol_options(fn: Callable) -> Callable:
 @_protocol_options
 def effective_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequence[int], *,
                  layer: Any = None, select: Callable[[Any], Any] | None = None,
-                 grid: Sequence[int] | None = None, unit: Sequence[int] | None = None,
+                 grid: Sequence[int] | None = None, layout: str | None = None, unit: Sequence[int] | None = None,
                  channel: int | Sequence[int] | None = None, unit_relu: bool = False,
                  inputs: Any = "gaussian", n_inputs: int = 32, draws: int = 1, first_draw: int = 0,
                  init: str | Callable = "default", reduce: str = "abs", method: str = "gradient",
@@ -770,6 +796,13 @@ def effective_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequen
         layer: module path or module holding the unit (default: the model output); a list gives a dict.
         unit: spatial index in that output (default: centre ``n // 2``; negative counts from the end).
         channel / unit_relu / select / grid: which value of the output is the unit (see SPEC).
+        layout: ``"nchw"``, ``"nhwc"`` or ``"tokens"`` when the output's layout cannot be inferred
+            (:mod:`erf._layout`: token sequences ``(N, L, D)`` get their grid from timm's
+            ``patch_embed``/``num_prefix_tokens`` or the input's shape; ``meta["layout"]`` says how).
+            With no ``layer``, a model whose output has no spatial axes (a classifier) is analysed
+            at its last spatial feature map (``meta["default_layer"]``); ``layer="stage:-1"`` names
+            a stage (:mod:`erf._defaults`). Degenerate units (constant, zero-initialised residual
+            scales) are warned about and listed in ``meta["warnings"]`` (:mod:`erf._degenerate`).
         inputs, n_inputs, draws, first_draw, init, seed: what is averaged over; every random stream is
             keyed by ``(seed, draw, block of 32 inputs)``. ``inputs="images:DIR|LIST.txt|GLOB"`` reads
             the first ``n_inputs`` readable images (:mod:`erf._images`).
@@ -795,7 +828,7 @@ def effective_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequen
     Raises:
         ValueError, TypeError: bad arguments, each naming the argument.
     """
-    run = _Run(model, input_shape, layer=layer, select=select, grid=grid, unit=unit, channel=channel,
+    run = _Run(model, input_shape, layer=layer, select=select, grid=grid, unit=unit, channel=channel, layout=layout,
                unit_relu=unit_relu, inputs=inputs, n_inputs=n_inputs, draws=draws, first_draw=first_draw,
                init=init, reduce=reduce, method=method, batch_size=batch_size, device=device, dtype=dtype,
                seed=seed, progress=progress, train_mode=train_mode, nonfinite=nonfinite, crop=crop,
@@ -810,7 +843,7 @@ def effective_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequen
         "init": describe_init(init), "reduce": run.reduce, "method": run.method,
         "batch_size": run.batch_size_used, "device": str(run.device), "dtype": _jsonable(run.dtype),
         "seed": run.seed, "train_mode": run.train_mode, "unit_relu": run.unit_relu,
-        "channel": _jsonable(run.targets[0].channels), "grid": _jsonable(run.grid),
+        "channel": _jsonable(run.targets[0].channels), "grid": _jsonable(run.grid), "layout": run.layout,
         "select": _jsonable(select), "nonfinite": run.nonfinite, "until_stderr": run.until_stderr,
         "model": type(run.model0).__name__ if not run.maker.is_factory else _jsonable(model),
         "model_hash": run.model_hash, "fingerprint": run.fingerprint,
@@ -841,8 +874,11 @@ def effective_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequen
     results = {}
     for t, (n, mean, m2) in zip(run.targets, stats):
         cfg = dict(base, layer=t.layer, unit=list(t.unit))
+        t_meta = dict(meta, **t.describe(run.chosen, run.maker.notes + run.degenerate.get(t.layer, [])))
+        for msg in t_meta.get("warnings", []):
+            warnings.warn(msg, stacklevel=2)
         results[t.layer] = ERFResult(n, mean, m2, unit=t.unit, layer=t.layer, input_shape=run.input_shape,
-                                     config=cfg, meta=meta, model=analysis_model.cpu(),
+                                     config=cfg, meta=t_meta, model=analysis_model.cpu(),
                                      trf=getattr(run, "trf_reports", {}).get(t.layer))
     if run.multi:
         return {(arg if isinstance(arg, str) else path): results[path]

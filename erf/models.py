@@ -166,10 +166,10 @@ def _from_object(obj, spec: str, kind: str) -> ModelSpec:
         first = next((m for m in probe.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
         dim = 2 if first is None else len(first.kernel_size)
         shape = (first.in_channels if first is not None else 3,) + (64,) * dim
-    import copy
+    from erf._copy import safe_deepcopy
 
     if isinstance(obj, nn.Module):
-        return ModelSpec(spec, kind, shape, lambda c: copy.deepcopy(obj))
+        return ModelSpec(spec, kind, shape, lambda c: safe_deepcopy(obj))
     return ModelSpec(spec, kind, shape, lambda c: _call_factory(obj, spec))
 
 

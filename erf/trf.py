@@ -12,7 +12,6 @@ the exact input-index interval seen by the unit through every node in reverse to
 """
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _graph as G
+from ._copy import safe_deepcopy
 from ._validate import check_conv_rank, check_index, check_input_shape, model_accepts, resolve_layer
 
 __all__ = ["RFReport", "EmpiricalTRF", "theoretical_rf", "empirical_trf"]
@@ -304,7 +304,7 @@ def theoretical_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequ
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     # the copy shares parameter and buffer storage: the analysis reads them, never writes
     memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
-    work = copy.deepcopy(model, memo).eval()
+    work = safe_deepcopy(model, memo).eval()
     check_conv_rank(work, input_shape)
     try:
         with model_accepts(input_shape):  # the model's own errors: one line naming input_shape
@@ -481,7 +481,7 @@ def _positive_copy(model: nn.Module, generator: torch.Generator, dtype: torch.dt
     weights positive and normalised (each output averages its inputs), biases zero, norms
     identities. Only the modules that run pay for it. Returns (copy, hook handles)."""
     memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
-    m = copy.deepcopy(model, memo).eval()
+    m = safe_deepcopy(model, memo).eval()
     for mod in list(m.modules()):
         for name, child in list(mod.named_children()):
             if isinstance(child, _ACTIVATIONS):

@@ -39,7 +39,7 @@ class Faulty(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spec = os.environ.get("ERF_TEST_FAIL")
-        if spec and x.shape[0] > 1:  # probes at setup use one sample
+        if spec and torch.is_grad_enabled():  # probes at setup run without autograd
             rank, at, mode = spec.split(":")
             _CALLS[0] += 1
             if int(os.environ.get("RANK", "0")) == int(rank) and _CALLS[0] == int(at):

@@ -321,8 +321,8 @@ def test_bad_shapes_and_models():
         erf.effective_rf(nn.Conv2d(1, 1, 3), (1, 0, 4), progress=False)
     with pytest.raises(TypeError, match="input_shape"):
         erf.effective_rf(nn.Conv2d(1, 1, 3), "1x8x8", progress=False)
-    with pytest.raises(ValueError, match="spatial"):
+    with pytest.raises(ValueError, match="spatial"):  # a layer without spatial axes, named explicitly
         erf.effective_rf(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(72, 3)), (1, 8, 8),
-                         progress=False)
+                         layer="2", progress=False)
     with pytest.raises(TypeError, match="model"):
         erf.effective_rf("resnet", (1, 8, 8), progress=False)
