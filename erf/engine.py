@@ -472,7 +472,8 @@ class _Run:
         in_bytes = int(np.prod(self.input_shape)) * 4
         self.per_sample_bytes = 3 * act_bytes[0] // probe_n + 4 * in_bytes
         map_shape = self.input_shape[1:]
-        self.degenerate = check_run(self.model0, self.targets, self.input_shape, self.device, self.dtype, self.seed)
+        self.degenerate = check_run(self.model0, self.targets, self.input_shape, self.device, self.dtype, self.seed,
+                                    x=self._first_inputs(3))
         self.stats = [RunningMoments.zeros(map_shape, self.device) for _ in self.targets]
         self.skipped = torch.zeros((), dtype=torch.float64, device=self.device)
         self.reduce_fn = _reduce_fn(self.reduce)
@@ -492,6 +493,15 @@ class _Run:
             # inputs: one block per forward keeps every map independent of the batch size. An
             # explicit batch_size is kept (batches then split blocks, each keyed by its first input).
             self.batch_size_used = _rng.BLOCK
+
+    def _first_inputs(self, n: int) -> torch.Tensor | None:
+        """The first ``n`` inputs of the first draw when the source has random access (else ``None``)."""
+        if isinstance(self.source, IterableInputs) or not getattr(self.source, "random_access", True):
+            return None
+        try:
+            return self.source.get(self.first_draw, 0, min(n, self.source.n))
+        except Exception:  # noqa: BLE001 - the check then uses Gaussian inputs
+            return None
 
     def _make_targets(self) -> None:
         self.targets = [Target(p, self.select, self.grid, self.ndim, unit_relu=self.unit_relu, layout=self.layout,
