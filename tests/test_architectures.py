@@ -17,8 +17,10 @@ from torch import nn
 
 import erf
 
-timm = pytest.importorskip("timm")
-torchvision = pytest.importorskip("torchvision")
+from _deps import lazy
+
+timm = lazy("timm")  # tests that touch them are skipped when missing (the others still run)
+torchvision = lazy("torchvision")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SHAPE = (3, 64, 64)
