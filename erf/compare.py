@@ -471,9 +471,31 @@ def _weights_of(result) -> dict | None:
     return (result.meta.get("provenance") or {}).get("weights")
 
 
+def _input_groups(options: dict, shape: tuple[int, ...], n: int, groups: int, seed: int):
+    """Given inputs (a Tensor, ``images:...``, an iterable) split into ``groups`` disjoint parts
+    (``x[g::groups]``) for fixed-weight models, whose groups must not repeat one set of inputs; with
+    the inputs' provenance and fingerprint. ``None`` for generated inputs (disjoint streams already)."""
+    import torch
+
+    from erf._inputs import make_source
+
+    inputs = options.get("inputs")
+    if inputs is None or (isinstance(inputs, str) and inputs in ("gaussian", "uniform")):
+        return None
+    src = make_source(inputs, n, shape, seed, 1, options.get("preprocess"))
+    x = src.get(0, 0, src.n) if hasattr(src, "get") else torch.cat([b for b in src.batches()])
+    if x.shape[0] < groups:
+        raise ValueError(f"inputs: {x.shape[0]} inputs cannot make groups={groups} disjoint groups for a model "
+                         "with fixed weights; give more inputs or fewer groups")
+    prov = src.provenance() if hasattr(src, "provenance") else None
+    from erf._integrity import inputs_hash
+
+    return [x[g::groups] for g in range(groups)], prov, inputs_hash(src)
+
+
 def _model_row(e: _Entry, layer: Any, input_shape: tuple[int, ...], groups: int, draws: int, n_inputs: int,
                kaiming: bool, engine_init: Any, reduce: str, seed: int, options: dict, bar: Any,
-               results: dict) -> dict[str, Any]:
+               results: dict, split: Any = None) -> dict[str, Any]:
     """One model of :func:`compare_models`: its groups, merged map (into ``results``) and table row."""
     from erf.engine import effective_rf
 
@@ -489,18 +511,27 @@ def _model_row(e: _Entry, layer: Any, input_shape: tuple[int, ...], groups: int,
     parts = []
     for g in range(groups):
         bar.set_postfix_str(e.name)
+        opts = options
         if e.fixed:
             kw = dict(n_inputs=draws * n_inputs, draws=1, first_draw=g, init="default")
+            if split is not None:  # group g: its own part of the given inputs
+                opts = {k: v for k, v in options.items() if k not in ("inputs", "preprocess")}
+                kw["inputs"] = split[0][g]
         else:
             kw = dict(n_inputs=n_inputs, draws=draws, first_draw=g * draws, init=engine_init)
         res = effective_rf(model, input_shape, layer=layer, reduce=reduce, seed=seed,
-                           progress=False, **kw, **options)
+                           progress=False, **kw, **opts)
         if isinstance(res, dict):
             raise ValueError(f"layer: one layer per model in compare, got a list for {e.name!r}")
+        if e.fixed and split is not None and isinstance(res.config.get("fingerprint"), dict):
+            # the parts of the given inputs merge into the run over all of them: its inputs' fingerprint
+            res.config = dict(res.config, fingerprint=dict(res.config["fingerprint"], inputs=split[2]))
         parts.append(res)
         bar.update(1)
     side, is_global = _trf_side(parts[0].trf)
     merged = _merge_all(parts)
+    if e.fixed and split is not None and split[1] is not None:  # record the images, not the tensor made of them
+        merged.meta = dict(merged.meta, provenance=dict(merged.meta.get("provenance") or {}, inputs=split[1]))
     full = numbers_of(merged, side)
     se = jackknife(full, _leave_one_out(merged, parts, side))
     w = _weights_of(merged)
@@ -525,7 +556,9 @@ def compare_models(models: Any, input_shape: Sequence[int] | None = None, *, gro
     Same numbers, table and figures as the pooling comparison (module docstring: merged map,
     delete-one-group jackknife over ``groups`` independent groups). A model with fixed weights (an
     ``nn.Module``, or a spec with ``@WEIGHTS``) is measured as it is: each group is one set of
-    ``draws * n_inputs`` inputs (disjoint input streams), so the standard errors cover the inputs.
+    ``draws * n_inputs`` inputs (disjoint input streams; given inputs, such as ``inputs="images:DIR"``
+    or a Tensor, are read once, ``groups * draws * n_inputs`` of them, and split ``x[g::groups]``), so
+    the standard errors cover the inputs.
     A factory or a spec without weights gets ``draws`` random weight draws of ``n_inputs`` inputs per
     group, as the pooling nets do. Two checkpoints of one model: ``{"before": "timm:resnet18@ep0.pth",
     "after": "timm:resnet18@ep90.pth"}``.
@@ -587,9 +620,11 @@ def compare_models(models: Any, input_shape: Sequence[int] | None = None, *, gro
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("once")  # a model's warning (degenerate unit, ...) once, not once per group
+            split = (_input_groups(options, input_shape, groups * draws * n_inputs, groups, seed)
+                     if any(e.fixed for e in entries) else None)
             for e in entries:
                 rows.append(_model_row(e, layers[e.name], input_shape, groups, draws, n_inputs, kaiming,
-                                       engine_init, reduce, seed, options, bar, results))
+                                       engine_init, reduce, seed, options, bar, results, split))
     finally:
         bar.close()
     shape = "x".join(str(x) for x in input_shape)

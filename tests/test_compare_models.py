@@ -176,3 +176,28 @@ def test_cli_map_several_layers_one_run(tmp_path, capsys):
     np.testing.assert_allclose(joint.map, alone.map, rtol=1e-5, atol=1e-7 * float(np.abs(alone.map).max()))
     code = main(["map", "timm:test_resnet", "--layer", "layer1,", "--out", str(tmp_path)] + common)
     assert code == 2 and "--layer: an empty layer name" in capsys.readouterr().err
+
+
+def test_given_inputs_are_split_into_disjoint_groups_for_fixed_weights(tmp_path):
+    """A Tensor or images: each group of a fixed-weight model gets its own part, so the merged map is the
+    map over all the inputs (not one part repeated) and the standard errors are not zero."""
+    torch.manual_seed(1)
+    model = conv_stack(3, act="relu", width=4, in_channels=3)
+    x = torch.randn(8, 3, 20, 20)
+    comp = erf.compare(models={"m": model}, input_shape=(3, 20, 20), inputs=x, groups=2, draws=1, n_inputs=4,
+                       progress=False)
+    whole = erf.effective_rf(model, (3, 20, 20), inputs=x, progress=False)
+    r = comp.results["m"]
+    assert r.n == 8 and r.config["fingerprint"]["inputs"] == whole.config["fingerprint"]["inputs"]
+    np.testing.assert_allclose(r.map, whole.map, rtol=1e-9, atol=1e-12 * float(whole.map.max()))
+    assert comp.rows[0]["erf_size_se"] >= 0 and comp.rows[0]["sigma_row_se"] > 0
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    comp = erf.compare(models={"m": model}, input_shape=(3, 20, 20), inputs=f"images:{folder}", groups=3,
+                       draws=1, n_inputs=2, progress=False)
+    assert comp.results["m"].n == 6 and comp.results["m"].meta["provenance"]["inputs"]["files_used"] == 6
+    with pytest.raises(ValueError, match="inputs: 2 inputs cannot make groups=3"):
+        erf.compare(models={"m": model}, input_shape=(3, 20, 20), inputs=x[:2], groups=3, progress=False)
