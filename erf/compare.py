@@ -215,6 +215,8 @@ class Comparison:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in self.rows:
             trf = "—" if r["trf_size"] is None else f"{r['trf_size']:.0f}" + (" (global)" if r["trf_global"] else "")
+            if r.get("trf_unclipped"):  # a TRF larger than the input: ERF/TRF uses the clipped field
+                trf += f" (of {r['trf_unclipped']:.0f})"
             first = ([r["model"], r["layer"], r["weights"] or f"{self.options.get('init')} init"] if models
                      else [r["pool"], r["kind"]])
             cells = first + [trf, _pm(r, "erf_size", 1), _pm(r, "sigma_row", 2),
@@ -402,7 +404,7 @@ def compare(pools: Any = "all", net: Callable[..., nn.Module] | None = None,
 # ------------------------------------------------------------------------------ compare models
 #: Row keys of a model comparison, in table order (``pool`` repeats the name for the figures).
 MODEL_COLUMNS: tuple[str, ...] = (("model", "spec", "layer", "unit", "weights", "weights_sha256", "kind",
-                                   "locality", "trf_size", "trf_global")
+                                   "locality", "trf_size", "trf_global", "trf_unclipped")
                                   + tuple(x for k in NUMBERS for x in (k, f"{k}_se")) + ("n", "seconds"))
 
 
@@ -528,7 +530,15 @@ def _model_row(e: _Entry, layer: Any, input_shape: tuple[int, ...], groups: int,
             res.config = dict(res.config, fingerprint=dict(res.config["fingerprint"], inputs=split[2]))
         parts.append(res)
         bar.update(1)
-    side, is_global = _trf_side(parts[0].trf)
+    from erf._degenerate import clip_trf
+
+    full_side, _ = _trf_side(parts[0].trf)
+    trf, clipped = clip_trf(parts[0].trf, input_shape)  # larger than the input: the clipped field, as map's
+    if clipped:
+        warnings.warn(f"{e.name}: {clipped}", stacklevel=3)
+    side, is_global = _trf_side(trf)
+    if getattr(parts[0].trf, "is_global", False):
+        is_global = True
     merged = _merge_all(parts)
     if e.fixed and split is not None and split[1] is not None:  # record the images, not the tensor made of them
         merged.meta = dict(merged.meta, provenance=dict(merged.meta.get("provenance") or {}, inputs=split[1]))
@@ -540,7 +550,8 @@ def _model_row(e: _Entry, layer: Any, input_shape: tuple[int, ...], groups: int,
                            "weights": None if not w else os.path.basename(w.get("file") or w.get("path")),
                            "weights_sha256": None if not w else w.get("sha256"), "kind": e.kind,
                            "locality": "global" if is_global else "local",
-                           "trf_size": None if side is None else round(side, 3), "trf_global": is_global}
+                           "trf_size": None if side is None else round(side, 3), "trf_global": is_global,
+                           "trf_unclipped": round(full_side, 3) if clipped and full_side else None}
     for key in NUMBERS:
         row[key], row[f"{key}_se"] = full[key], se[key]
     row["n"], row["seconds"] = merged.n, round(time.perf_counter() - t0, 3)

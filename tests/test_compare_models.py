@@ -64,11 +64,14 @@ def test_one_models_two_checkpoints(checkpoints, tmp_path):
     np.testing.assert_allclose(comp.results["before (module)"].map, comp.results["before"].map, rtol=0, atol=1e-12)
     # centre-only 3x3 kernels shrink the ERF (same architecture, same TRF)
     assert rows["after"]["trf_size"] == rows["before"]["trf_size"]
+    # layer3's TRF (71 px) is larger than the 48 px input: ERF/TRF uses the clipped field, as erf map does
+    assert rows["before"]["trf_unclipped"] == 71 and rows["before"]["trf_size"] == 48
+    assert rows["before"]["erf_trf_ratio"] == pytest.approx(rows["before"]["erf_size"] / 48)
     assert rows["after"]["erf_size"] < 0.6 * rows["before"]["erf_size"]
     assert all(r["layer"] == "layer3" and r["n"] == 4 and r["kind"] == "weights" for r in rows.values())
     assert np.isfinite(rows["before"]["erf_size_se"])
     md = comp.to_markdown()
-    assert md.startswith("| model | layer | weights | TRF |") and "| after | layer3 | after.pth |" in md
+    assert md.startswith("| model | layer | weights | TRF |") and "| after | layer3 | after.pth | 48 (of 71) |" in md
     comp.to_csv(tmp_path / "c.csv")
     with open(tmp_path / "c.csv") as fh:
         table = list(csv.DictReader(fh))
