@@ -136,7 +136,7 @@ def model_accepts(input_shape: Sequence[int]) -> Iterator[None]:
     (a RuntimeError from torch usually means too small an input or the wrong channel count)."""
     try:
         yield
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, AssertionError) as exc:  # timm asserts its fixed image size
         raise ValueError(f"input_shape {tuple(input_shape)} is not accepted by the model: "
                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     except RuntimeError as exc:

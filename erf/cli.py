@@ -177,6 +177,22 @@ def _model_for(args, spec, input_shape):
     return factory, init
 
 
+def _layout_kwargs(args) -> dict[str, Any]:
+    """``--grid HxW`` and ``--layout`` (erf map only)."""
+    kw: dict[str, Any] = {}
+    grid = getattr(args, "grid", None)
+    if grid is not None:
+        import re
+
+        parts = re.split(r"[x,×]", grid.strip().lower())
+        if len(parts) < 1 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"--grid must look like 14x14 (positive ints, one per spatial axis), got {grid!r}")
+        kw["grid"] = tuple(int(p) for p in parts)
+    if getattr(args, "layout", None) is not None:
+        kw["layout"] = args.layout
+    return kw
+
+
 def _engine_kwargs(args) -> dict[str, Any]:
     from erf.models import parse_unit
 
@@ -195,6 +211,7 @@ def _engine_kwargs(args) -> dict[str, Any]:
         kw["layer"] = _layer_arg(args.layer)
     if args.unit is not None:
         kw["unit"] = parse_unit(args.unit)
+    kw.update(_layout_kwargs(args))
     if args.channel is not None:
         try:
             ch = [int(c) for c in args.channel.split(",")]
@@ -292,6 +309,9 @@ def cmd_map(args) -> Outcome:
     t0 = time.perf_counter()
     result = effective_rf(model, shape, init=init, **kw)
     seconds = time.perf_counter() - t0
+    chosen = None if isinstance(result, dict) else result.meta.get("default_layer")
+    if chosen:  # no --layer and a classifier: say which layer was analysed
+        print(f"erf map: layer {chosen['layer']} ({chosen['reason']}); pass --layer to choose another", file=sys.stderr)
     if isinstance(result, dict):  # --layer A,B,C: one .npz, summary row and figure per layer, plus a panel
         return _map_layers_outcome(args, spec, result, seconds)
     name = f"map_{spec.slug}"
@@ -300,6 +320,7 @@ def cmd_map(args) -> Outcome:
     def analyses(o: Outcome) -> None:  # after the .npz is written: a failure here never loses the map
         o.summary = _result_summary(result, o.failed)
         o.summary.update({"model": spec.spec, "seconds": round(seconds, 3)})
+        o.summary.update(_target_summary(result))
         if (result.meta.get("provenance") or {}).get("weights"):
             o.summary["weights"] = result.meta["provenance"]["weights"]
         rows = [{"quantity": k, "value": v} for k, v in o.summary.items()
@@ -316,6 +337,18 @@ def cmd_map(args) -> Outcome:
                      (_out_path(args, name), _map_figure_writer(spec, result, outcome.failed))]
     outcome.after = analyses
     return outcome
+
+
+def _target_summary(result) -> dict[str, Any]:
+    """The inferred layout and the default layer of a result, for the summary."""
+    out: dict[str, Any] = {}
+    lay = result.meta.get("layout") or {}
+    if lay.get("layout") not in (None, "nchw"):
+        out["layout"] = lay["layout"] + (f" (grid {'x'.join(map(str, lay['grid']))}, {lay['prefix_tokens']} prefix "
+                                         f"tokens)" if lay.get("grid") else "")
+    if result.meta.get("default_layer"):
+        out["layer_chosen_by"] = result.meta["default_layer"]["reason"]
+    return out
 
 
 def _layer_slug(result) -> str:
@@ -728,8 +761,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "the first --n-inputs readable files, folders read recursively")
     r.add_argument("--n-inputs", type=_positive_int, help="inputs per weight draw")
     r.add_argument("--draws", type=_positive_int, help="random weight draws")
-    r.add_argument("--init", choices=("default", "ones", "normal", "kaiming"),
-                   help="default, ones, normal or kaiming (He-normal convs, zero biases)")
+    r.add_argument("--init", choices=("default", "ones", "normal", "kaiming", "kaiming_all"),
+                   help="default, ones, normal, kaiming (He-normal convs, zero biases) or kaiming_all (also "
+                        "random normalisation/layer-scale scales: residual branches that start at zero count)")
     r.add_argument("--reduce", choices=("abs", "mean", "square", "relu", "relu_of_mean"), default=None,
                    help="gradient -> map (default abs, or the protocol's)")
     r.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
@@ -752,6 +786,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("model", metavar="MODEL")
     _add_protocol_options(m)
     m.add_argument("--channel", help="channel(s) of the unit, e.g. 3 or 0,5 (default: sum over channels)")
+    m.add_argument("--grid", metavar="HxW", help="read a token output (N, L, D) as an HxW grid after its leading "
+                   "prefix tokens (default: inferred from the model and the input)")
+    m.add_argument("--layout", choices=("nchw", "nhwc", "tokens"),
+                   help="layout of the layer's output when it cannot be inferred (default: inferred)")
     m.add_argument("--method", default="gradient",
                    choices=("gradient", "guided_backprop", "deconvolution", "integrated_gradients"))
     m.add_argument("--checkpoint", metavar="PATH", help="save the running sums here (atomically); with --resume continue")
@@ -880,7 +918,7 @@ _OPTION_OF = {"protocol": "--protocol", "preprocess": "--preprocess", "input_sha
               "until_stderr": "--until-stderr", "checkpoint_every": "--checkpoint-every", "unit": "--unit",
               "channel": "--channel", "layer": "--layer", "inputs": "--inputs", "device": "--device",
               "draws": "--draws", "checkpoint": "--checkpoint", "reduce": "--reduce", "method": "--method",
-              "weights": "--weights", "models": "--models", "init": "--init"}
+              "weights": "--weights", "models": "--models", "init": "--init", "grid": "--grid", "layout": "--layout"}
 
 
 def _cli_message(text: str) -> str:

@@ -8,6 +8,7 @@ by hand.
 """
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -254,3 +255,32 @@ def test_awkward_models_work_or_fail_clearly():
             r = erf.effective_rf(conv.to(cast), (1, 12, 12), **KW)
         np.testing.assert_allclose(r.map, ref.map, rtol=2e-2)
     assert conv.weight.dtype == torch.bfloat16  # the caller's model is untouched
+
+
+def test_cli_default_layer_grid_layout_and_init(capsys, tmp_path):
+    from erf.cli import main
+
+    code = main(["map", "timm:resnet18", "--input-shape", "3x64x64", "--n-inputs", "2", "--no-progress", "--json",
+                 "--init", "kaiming_all", "--out", str(tmp_path)])
+    cap = capsys.readouterr()
+    assert code == 0, cap.err
+    summary = json.loads(cap.out)
+    assert summary["layer"] == "layer4" and "timm feature_info" in summary["layer_chosen_by"]
+    assert "erf map: layer layer4 (last spatial feature map" in cap.err
+    assert "residual-branch" not in cap.err  # kaiming_all: no zero-initialised scales
+    code = main(["map", "timm:vit_tiny_patch16_224", "--input-shape", "3x224x224", "--layer", "blocks.0", "--grid",
+                 "14x14", "--n-inputs", "2", "--no-progress", "--json", "--out", str(tmp_path)])
+    cap = capsys.readouterr()
+    assert code == 0, cap.err
+    assert json.loads(cap.out)["layout"] == "tokens (grid 14x14, 1 prefix tokens)"
+    for bad, match in ((["--grid", "14xa"], "--grid must look like 14x14"),
+                       (["--grid", "15x15"], "--grid (15, 15) needs 225 tokens"),
+                       (["--layout", "nchw"], "layout='nchw'"),
+                       (["--layout", "hwc"], "invalid choice"),
+                       (["--layer", "blocks.11.atn"], "did you mean blocks.11.attn"),
+                       ([], "--input-shape (3, 32, 32) is not accepted by the model")):
+        code = main(["map", "timm:vit_tiny_patch16_224", "--input-shape", "3x224x224" if bad else "3x32x32",
+                     "--n-inputs", "2", "--no-progress", "--out", str(tmp_path)] + (["--layer", "blocks.0"] if "--layer" not in bad else [])
+                    + bad)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and match in err[0], (bad, err)
