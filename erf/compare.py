@@ -489,7 +489,9 @@ def _input_groups(options: dict, shape: tuple[int, ...], n: int, groups: int, se
     if x.shape[0] < groups:
         raise ValueError(f"inputs: {x.shape[0]} inputs cannot make groups={groups} disjoint groups for a model "
                          "with fixed weights; give more inputs or fewer groups")
-    prov = src.provenance() if hasattr(src, "provenance") else None
+    prov = (src.provenance() if hasattr(src, "provenance")
+            else {"kind": src.describe() if hasattr(src, "describe") else type(inputs).__name__, "files_used": None,
+                  "n": int(x.shape[0])})
     from erf._integrity import inputs_hash
 
     return [x[g::groups] for g in range(groups)], prov, inputs_hash(src)
@@ -540,7 +542,7 @@ def _model_row(e: _Entry, layer: Any, input_shape: tuple[int, ...], groups: int,
     if getattr(parts[0].trf, "is_global", False):
         is_global = True
     merged = _merge_all(parts)
-    if e.fixed and split is not None and split[1] is not None:  # record the images, not the tensor made of them
+    if e.fixed and split is not None:  # record the given inputs, not the group's part of them
         merged.meta = dict(merged.meta, provenance=dict(merged.meta.get("provenance") or {}, inputs=split[1]))
     full = numbers_of(merged, side)
     se = jackknife(full, _leave_one_out(merged, parts, side))
