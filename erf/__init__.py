@@ -33,8 +33,8 @@ _LAZY = {
     "TrainingRun": "erf.training",
     "load_run": "erf.training",
 }
-_SUBMODULES = {"theory", "pooling", "nets", "fit", "trf", "engine", "plot", "cli", "compare", "tasks", "training",
-               "studies"}
+_SUBMODULES = {"theory", "pooling", "nets", "fit", "trf", "engine", "plot", "cli", "compare", "protocols", "tasks",
+               "training", "studies"}
 
 __all__ = sorted(list(_LAZY) + sorted(_SUBMODULES - {"cli", "engine", "plot", "compare", "fit", "trf", "training"})
                  + ["__version__"])

@@ -2,8 +2,9 @@
 
 ``"gaussian"`` N(0, 1) and ``"uniform"`` U(0, 1) inputs are generated in blocks of 32 keyed
 by ``(seed, draw, block)``, ``"images:DIR|LIST.txt|GLOB"`` reads the first ``n_inputs`` readable
-image files (:mod:`erf._images`: order, preprocessing, unreadable files), a Tensor ``(N, *input_shape)`` is used whole, and any re-iterable
-of batches (a DataLoader; ``(x, y)`` pairs accepted) is streamed.
+image files (:mod:`erf._images`: order, preprocessing, unreadable files), a Tensor
+``(N, *input_shape)`` is used whole, and any re-iterable of batches (a DataLoader; ``(x, y)``
+pairs accepted) is streamed.
 """
 from __future__ import annotations
 

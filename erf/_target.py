@@ -20,6 +20,11 @@ def _describe(obj: Any) -> str:
     return type(obj).__name__
 
 
+#: ``unit=TOKEN_CENTRE`` (protocol ``openerf``): ``(n - 1) // 2`` per axis for token and channels-last
+#: outputs (the upper-left of the four central tokens of an even grid), ``n // 2`` for NCHW maps.
+TOKEN_CENTRE = "token_centre"
+
+
 @dataclass
 class Target:
     """How to turn a layer's output into the per-sample value of one unit.
@@ -68,6 +73,9 @@ class Target:
         """Validate ``unit`` and ``channel`` against a prepared output (shape ``(N, C, *S)``)."""
         spatial = tuple(out.shape[2:])
         self.out_shape = tuple(out.shape[1:])
+        if isinstance(unit, str) and unit == TOKEN_CENTRE:  # OpenERF: upper-left central token of even grids
+            tokens = self.plan is not None and self.plan.layout in ("tokens", "nhwc")
+            unit = tuple((n - 1) // 2 if tokens else n // 2 for n in spatial)
         self.unit = tuple(s // 2 for s in spatial) if unit is None else check_index("unit", unit, spatial)
         self.channels = check_channels(channel, out.shape[1])
 

@@ -157,8 +157,11 @@ def plot_result(result, ax=None, log: bool = False, show_trf: bool = True, show_
     ax.set_ylabel("row")
     ax.set_title(title or _title(result), fontsize=9)
     if ax.get_legend_handles_labels()[0]:  # below the axes: never over the map
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False,
-                  handlelength=2.2, columnspacing=1.0)
+        leg = ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False,
+                        handlelength=2.2, columnspacing=1.0)
+        for h in getattr(leg, "legend_handles", []):  # the white TRF box would vanish on the white page
+            if hasattr(h, "set_edgecolor") and not hasattr(h, "get_xdata"):
+                h.set_edgecolor("0.2")
     return ax
 
 
@@ -203,6 +206,9 @@ def _wrap(text: str, width_in: float, fontsize: float) -> str:
     return "\n".join(textwrap.fill(line, chars) for line in text.split("\n"))
 
 
+SHARED_DECADES_FLOOR = 1e-3  # the shared grid scale spans three decades below the largest share
+
+
 def comparison_grid(comp, same_scale: bool = True, cols: int | None = None):
     """Grid of ERF heatmaps, one per module (or model) of a :class:`erf.compare.Comparison`.
 
@@ -210,12 +216,15 @@ def comparison_grid(comp, same_scale: bool = True, cols: int | None = None):
     the border when larger than the input, and said so in the panel title) and the 2-sigma
     ellipse of the fitted Gaussian (cyan).
     ``same_scale=True`` (default): every map divided by its total (share of the map's mass per
-    pixel) on ONE colour scale with one labelled colour bar, so the panels are comparable.
+    pixel) on ONE logarithmic colour scale (three decades below the largest share) with one labelled
+    colour bar, so the panels are comparable and a concentrated map does not blacken the wide ones.
     ``same_scale=False``: each panel on its own scale with its own labelled colour bar.
     Titles and the caption are wrapped to the figure's width: nothing is clipped at any number
     of panels.
     """
     import math as _m
+
+    from matplotlib.colors import LogNorm
 
     names = list(comp.results)
     n = len(names)
@@ -233,8 +242,11 @@ def comparison_grid(comp, same_scale: bool = True, cols: int | None = None):
     for i, name in enumerate(names):
         ax = axes[i // cols][i % cols]
         res, data = comp.results[name], maps[name]
-        im = ax.imshow(data, cmap="magma", interpolation="nearest", vmin=0,
-                       vmax=vmax if same_scale else (float(data.max()) or 1.0))
+        if same_scale:  # one logarithmic scale: a concentrated map does not blacken the wide ones
+            im = ax.imshow(np.maximum(data, vmax * SHARED_DECADES_FLOOR), cmap="magma", interpolation="nearest",
+                           norm=LogNorm(vmin=vmax * SHARED_DECADES_FLOOR, vmax=vmax))
+        else:
+            im = ax.imshow(data, cmap="magma", interpolation="nearest", vmin=0, vmax=float(data.max()) or 1.0)
         trf = _safe_trf(res)
         if trf is not None and not getattr(trf, "is_global", False):
             draw_trf_box(ax, trf, data.shape, annotate=False)
@@ -266,8 +278,7 @@ def comparison_grid(comp, same_scale: bool = True, cols: int | None = None):
         axes[j // cols][j % cols].set_visible(False)
     if same_scale and im is not None:
         cb = fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.025 if cols > 2 else 0.05, pad=0.01)
-        cb.set_label("share of the map's mass per pixel (each map sums to 1)", fontsize=8.5)
-        cb.formatter.set_powerlimits((-2, 3))
+        cb.set_label("share of the map's mass per pixel (each map sums to 1; log scale)", fontsize=8.5)
     opts = comp.options
     shape = "x".join(str(s) for s in opts.get("input_shape", []))
     title = opts.get("caption") or (  # compare(models=...) writes its own

@@ -98,8 +98,9 @@ PROTOCOLS: dict[str, Protocol] = {
         options={"unit_relu": False, "reduce": "relu_of_mean", "channel": None, "method": "gradient",
                  "train_mode": False},
         image_options={"preprocess": "timm", "n_inputs": 1000},
-        choices={"unit": "centre (h // 2, w // 2) of a feature map; token grids: prefix tokens dropped and "
-                         "((g - 1) // 2, (g - 1) // 2), the upper-left of the four central tokens of an even grid",
+        choices={"unit": "centre (h // 2, w // 2) of an NCHW feature map; token and channels-last (Swin) outputs: "
+                         "prefix tokens dropped and ((g - 1) // 2, (g - 1) // 2), the upper-left of the four central "
+                         "tokens of an even grid (unit='token_centre')",
                  "channel": "mean over channels (here: the sum, a constant factor removed by the normalisation)",
                  "reduce": "grad.mean(dim=(0, 1)).clamp(min=0): ReLU of the RGB mean of the gradient",
                  "normalisation": "per-image maps summed, then divided by their total (sum 1)",
@@ -169,8 +170,10 @@ def apply_protocol(name: Any, options: dict[str, Any], input_shape: Any = None) 
     images = isinstance(inputs, str) and inputs.startswith("images:")
     if images:
         preset.update(proto.image_options)
-    if proto.name == "openerf" and options.get("grid") is not None and "unit" not in options:
-        preset["unit"] = tuple((int(g) - 1) // 2 for g in options["grid"])  # upper-left centre token
+    if proto.name == "openerf":  # tokens / NHWC: upper-left central token of an even grid; NCHW: n // 2
+        from erf._target import TOKEN_CENTRE
+
+        preset["unit"] = TOKEN_CENTRE
     out = dict(options)
     fixed, overridden = {}, {}
     for key, value in preset.items():

@@ -192,7 +192,7 @@ def _radial_reference(p, radii=(5, 10, 20, 30, 40, 60, 80)):
 
 @pytest.mark.parametrize("arch", ["resnet10t", "vit_tiny_patch16_224"])
 def test_openerf_map_and_radial_mass_match_its_code(arch, imagenet_like):
-    timm = pytest.importorskip("timm")
+    timm = lazy("timm")
     kw = {"img_size": 64, "pretrained_cfg_overlay": {"input_size": (3, 64, 64)}} if arch.startswith("vit") else {}
     torch.manual_seed(5)
     model = timm.create_model(arch, pretrained=False, **kw)
@@ -202,7 +202,7 @@ def test_openerf_map_and_radial_mass_match_its_code(arch, imagenet_like):
     ref, cfg = _openerf_reference(_clone(model), imagenet_like)
     shape = tuple(cfg["input_size"])
     if arch.startswith("vit"):
-        opts = dict(layer="norm", grid=(shape[1] // 16, shape[2] // 16))
+        opts = dict(layer="norm")  # tokens: the layout (prefix token, 4 x 4 grid) is inferred
     else:
         opts = dict(layer="layer4")
     r = erf.effective_rf(_clone(model), shape, protocol="openerf", inputs=f"images:{imagenet_like}", progress=False,
@@ -229,9 +229,9 @@ def test_presets_fix_options_and_record_overrides():
     opts, rec = apply_protocol("luo2016", {}, (1, 32))
     assert opts["init"] == "normal" and opts["reduce"] == "square" and "n_inputs" not in opts
     opts, _ = apply_protocol("openerf", {"grid": (14, 14)}, (3, 224, 224))
-    assert opts["unit"] == (6, 6)
-    opts, _ = apply_protocol("openerf", {"grid": (7, 7)}, (3, 224, 224))
-    assert opts["unit"] == (3, 3)
+    assert opts["unit"] == "token_centre"
+    opts, _ = apply_protocol("openerf", {"unit": (2, 2)}, (3, 224, 224))
+    assert opts["unit"] == (2, 2)
     with pytest.raises(ValueError, match="protocol must be one of"):
         apply_protocol("replk", {}, (3, 8, 8))
     with pytest.raises(ValueError, match="defined for images"):
