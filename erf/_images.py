@@ -125,7 +125,12 @@ def _is_image_name(name: str) -> bool:
 
 def _walk_sorted(folder: str) -> list[str]:
     files = []
-    for root, _dirs, names in sorted(os.walk(folder, followlinks=True)):
+
+    def unreadable(exc: OSError) -> None:  # a sub-folder that cannot be listed is named, not fatal
+        warnings.warn(f"inputs: folder {exc.filename!r} cannot be read ({exc.strerror}); its images are skipped",
+                      ImagesWarning, stacklevel=2)
+
+    for root, _dirs, names in sorted(os.walk(folder, onerror=unreadable, followlinks=True)):
         files.extend(os.path.join(root, n) for n in sorted(names) if _is_image_name(n))
     return files
 

@@ -132,6 +132,10 @@ def test_lists_globs_bombs_and_missing(folder, tmp_path, monkeypatch):
             ImageInputs(f"{folder}/a_class/*.png", (3, 8, 8), 5, None)
     with pytest.raises(ValueError, match="does not exist"):
         ImageInputs(str(tmp_path / "nope"), (3, 8, 8), 5, None)
+    from erf._images import _walk_sorted
+
+    with pytest.warns(ImagesWarning, match="cannot be read"):                       # e.g. no permission
+        assert _walk_sorted(str(tmp_path / "vanished")) == []
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no image files"):
         ImageInputs(str(tmp_path / "empty"), (3, 8, 8), 5, None)
