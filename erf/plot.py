@@ -230,8 +230,20 @@ def comparison_grid(comp, same_scale: bool = True, cols: int | None = None):
     n = len(names)
     cols = cols or min(6, max(1, _m.ceil(_m.sqrt(n * 1.3))))
     rows = _m.ceil(n / cols)
-    width = max(2.5 * cols + (0.9 if same_scale else 0.5 * cols), 6.4)
-    fig = new_figure(width, 2.45 * rows + 1.4)
+    width = max(2.5 * cols + (0.9 if same_scale else 0.6 * cols), 6.4)
+    opts = comp.options
+    shape = "x".join(str(s) for s in opts.get("input_shape", []))
+    title = _wrap(opts.get("caption") or (  # compare(models=...) writes its own
+        f"ERF of the centre unit of pooling_net(module), input {shape}, {opts.get('init')} init, "
+        f"reduce={opts.get('reduce')}, {opts.get('groups', 0) * opts.get('draws', 0)} weight draws x "
+        f"{opts.get('n_inputs')} inputs"), width, 10)
+    note = ("dashed box: TRF (clipped at the border when larger than the input); cyan: 2σ ellipse of the "
+            "fitted Gaussian; " + ("one colour scale for all panels" if same_scale else "each panel on its own scale"))
+    first = comp.results[names[0]] if names else None
+    cap = provenance_caption(getattr(first, "meta", {}).get("provenance") if first is not None else None, width=10**6)
+    caption = _wrap(note + ("\n" + cap if cap else ""), width, 7.5)
+    text_in = (title.count("\n") + 1) * 10 / 72 * 1.3 + (caption.count("\n") + 1) * 7.5 / 72 * 1.3
+    fig = new_figure(width, 2.75 * rows + text_in + 0.3)  # room for the wrapped title and caption
     axes = fig.subplots(rows, cols, squeeze=False)
     maps = {k: comp.results[k].nonnegative_map for k in names}
     if same_scale:
@@ -263,10 +275,10 @@ def comparison_grid(comp, same_scale: bool = True, cols: int | None = None):
         if ratio is not None and np.isfinite(ratio):
             sub += f", ERF/TRF {ratio:.2f}"
         if row.get("trf_global"):
-            sub += " (global)"
+            sub += "\n(global unit)"
         elif trf is not None and any(s > n_ for s, n_ in zip(trf.size, data.shape)):
-            sub += " (TRF > input)"
-        ax.set_title(_wrap(f"{name}\n{sub}", 2.4, 8.5), fontsize=8.5)
+            sub += "\n(TRF larger than the input)"
+        ax.set_title(_wrap(f"{name}\n{sub}", 2.4 if same_scale else 2.0, 8.5), fontsize=8.5)
         ax.tick_params(labelsize=6.5)
         if not same_scale:
             cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
@@ -279,18 +291,8 @@ def comparison_grid(comp, same_scale: bool = True, cols: int | None = None):
     if same_scale and im is not None:
         cb = fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.025 if cols > 2 else 0.05, pad=0.01)
         cb.set_label("share of the map's mass per pixel (each map sums to 1; log scale)", fontsize=8.5)
-    opts = comp.options
-    shape = "x".join(str(s) for s in opts.get("input_shape", []))
-    title = opts.get("caption") or (  # compare(models=...) writes its own
-        f"ERF of the centre unit of pooling_net(module), input {shape}, {opts.get('init')} init, "
-        f"reduce={opts.get('reduce')}, {opts.get('groups', 0) * opts.get('draws', 0)} weight draws x "
-        f"{opts.get('n_inputs')} inputs")
-    fig.suptitle(_wrap(title, width, 10), fontsize=10)
-    note = ("dashed box: TRF (clipped at the border when larger than the input); cyan: 2σ ellipse of the "
-            "fitted Gaussian; " + ("one colour scale for all panels" if same_scale else "each panel on its own scale"))
-    first = comp.results[names[0]] if names else None
-    cap = provenance_caption(getattr(first, "meta", {}).get("provenance") if first is not None else None, width=10**6)
-    fig.supxlabel(_wrap(note + ("\n" + cap if cap else ""), width, 7.5), fontsize=7.5, color="0.3")
+    fig.suptitle(title, fontsize=10)
+    fig.supxlabel(caption, fontsize=7.5, color="0.3")
     return fig
 
 
