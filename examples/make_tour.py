@@ -80,6 +80,20 @@ CELLS = [
              "path = res.save(os.path.join(tempfile.mkdtemp(), \"max.npz\"))\n"
              "again = erf.load(path)\n"
              "print(np.array_equal(again.map, res.map), again.config[\"draws\"], again.trf.size)"),
+    ("md", "## 7. The ERF through training\n"
+           "`erf.train` trains a classifier on a generated task (`erf.tasks`: shapes, stretched, tiled, zoomed, "
+           "marks) and measures the ERF of its last feature map at epoch 0 and every `erf_every` epochs, on "
+           "held-out task images and on Gaussian inputs; learned pooling parameters (here DynOPool's scale r) "
+           "are recorded with it. `erf.studies.luo2016()`, `trained_pools()` and `dynopool()` run the full studies."),
+    ("code", "from erf.nets import pooling_classifier\n"
+             "torch.manual_seed(0)\n"
+             "model = pooling_classifier(\"dynopool\", classes=4, depth=2, width=8)\n"
+             "run = erf.train(model, \"stretched\", epochs=2, erf_every=1, n_train=256, n_test=64, size=24,\n"
+             "                batch_size=16, pool_lr=0.02, erf_n=4)\n"
+             "cols = [\"epoch\", \"loss\", \"test_acc\", \"erf_size_task\", \"sigma_row_task\", \"sigma_col_task\",\n"
+             "        \"features.stage0.pool.r_h\", \"features.stage0.pool.r_w\"]\n"
+             "Markdown(run.to_markdown(cols))"),
+    ("code", "run.plot()"),
 ]
 
 
