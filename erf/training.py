@@ -63,7 +63,7 @@ def pooling_parameters(model: nn.Module) -> dict[str, dict[str, Any]]:
             out[path] = {"type": "lip", "logit_weight_mean": w_mean, "logit_weight_std": w_std,
                          "logit_weight_absmean": float(m.logit.conv.weight.detach().abs().mean()),
                          "norm_weight_mean": n_w, "norm_bias_mean": n_b}
-        elif type(m).__module__.startswith("erf.pooling") and any(True for _ in m.parameters(recurse=False)):
+        elif _is_pooling_param_owner(m) and not any(path.startswith(p + ".") for p in out):
             entry: dict[str, Any] = {"type": type(m).__name__}
             for name, p in m.named_parameters(recurse=False):
                 if name in ("log_alpha", "log_lambda"):
@@ -72,6 +72,12 @@ def pooling_parameters(model: nn.Module) -> dict[str, dict[str, Any]]:
                     entry[name + "_mean"], entry[name + "_std"] = ms(p)
             out[path] = entry
     return out
+
+
+def _is_pooling_param_owner(m: nn.Module) -> bool:
+    """A module of ``erf.pooling`` with parameters of its own, not a plain convolution (strided/dilated)."""
+    return (type(m).__module__.startswith("erf.pooling") and not isinstance(m, nn.modules.conv._ConvNd)
+            and any(True for _ in m.parameters(recurse=False)))
 
 
 def erf_summary(result) -> dict[str, Any]:
@@ -463,7 +469,8 @@ def _make_optimizer(optimizer, model: nn.Module, lr: float, pool_lr: float | Non
     pool_params, other = [], []
     for m in model.modules():
         for p in m.parameters(recurse=False):
-            (pool_params if type(m).__module__.startswith("erf.pooling") else other).append(p)
+            owner = type(m).__module__.startswith("erf.pooling") and not isinstance(m, nn.modules.conv._ConvNd)
+            (pool_params if owner else other).append(p)
     groups = [{"params": other}]
     if pool_params:
         groups.append({"params": pool_params, "lr": lr if pool_lr is None else pool_lr, "weight_decay": 0.0})

@@ -42,6 +42,13 @@ def luo_size(m: np.ndarray) -> float:
     return float(np.count_nonzero(m > _THRESHOLD * c)) ** 0.5 if c > 0 else float("nan")
 
 
+def _near(value: float, se: float, expected: float, tol: float = 0.05) -> str:
+    """``holds`` within ``max(tol, 2 se)`` of the expected value; ``undetermined`` for a missing number."""
+    if not math.isfinite(value):
+        return "undetermined"
+    return "holds" if abs(value - expected) <= max(tol, 2 * se if math.isfinite(se) else 0.0) else "contradicts"
+
+
 def _merge(results: Sequence) -> np.ndarray:
     """The mean map over groups of equal sample counts."""
     return np.mean([r.map for r in results], axis=0)
@@ -122,13 +129,11 @@ def _stack_claims(depths, acts, groups, draws, n_inputs, width, seed, progress):
                        "maps": {n: _merge(r) for n, _, r in per_depth}}
         for (n, t, _), sz in zip(per_depth, full):
             rows.append({"stack": act, "depth": n, "trf": t, "erf_size": sz, "erf_trf": sz / t})
-        ok = abs(s_erf - 0.5) <= max(0.05, 2 * se_erf)
         claims.append({"claim": f"ERF size ~ depth^0.5 ({act} 3x3 stack)", "measured": s_erf, "stderr": se_erf,
-                       "expected": 0.5, "verdict": "holds" if ok else "contradicts",
+                       "expected": 0.5, "verdict": _near(s_erf, se_erf, 0.5),
                        "note": f"log-log slope over depths {list(depths)}; error: {src}"})
-        ok = abs(s_rat + 0.5) <= max(0.05, 2 * se_rat)
         claims.append({"claim": f"ERF/TRF ~ depth^-0.5 ({act})", "measured": s_rat, "stderr": se_rat,
-                       "expected": -0.5, "verdict": "holds" if ok else "contradicts", "note": "log-log slope"})
+                       "expected": -0.5, "verdict": _near(s_rat, se_rat, -0.5), "note": "log-log slope"})
     return rows, claims, series
 
 
@@ -215,7 +220,7 @@ def luo2016(quick: bool = False, depths: Sequence[int] = (5, 10, 20, 40),
         elif expect == "smaller":
             v = {"holds": "contradicts", "contradicts": "holds"}.get(verdict_greater(r, se), "inconclusive")
         else:
-            v = "holds" if abs(r - 1) <= max(2 * se, 0.05) else "contradicts"
+            v = _near(r, se, 1.0)
         verb = {"larger": "enlarges the ERF", "smaller": "shrink the ERF", "unchanged": "leaves the ERF unchanged"}[expect]
         what = name.split(" (")[0].split(" x")[0].split(" p=")[0]
         claims.append({"claim": f"{what} {verb} (vs a plain stack of {depth} layers)", "measured": r,

@@ -69,7 +69,7 @@ def _learned(runs) -> str:
         elif p0["type"] == "gem":
             parts.append(f"{layer} p {np.mean([p[path]['p'] for p in pools]):.2f}")
         elif p0["type"] == "lip":
-            parts.append(f"{layer} |w| {np.mean([p[path]['logit_weight_absmean'] for p in pools]):.3f}")
+            parts.append(f"{layer} mean abs w {np.mean([p[path]['logit_weight_absmean'] for p in pools]):.3f}")
         else:
             keys = [k for k in p0 if k.endswith("_mean")][:1]
             for k in keys:
