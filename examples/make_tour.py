@@ -33,7 +33,8 @@ CELLS = [
     ("md", "## 2. A random ReLU network: fit, metrics and the TRF\n"
            "The canonical pooling network (three stages of two 3x3 convs + max pooling) at 3x96x96, "
            "averaged over 4 weight draws x 8 Gaussian inputs."),
-    ("code", "res = erf.effective_rf(lambda: pooling_net(\"max\"), (3, 96, 96), n_inputs=8, draws=4, progress=False)\n"
+    ("code", "def max_net():\n    return pooling_net(\"max\")\n"
+             "res = erf.effective_rf(max_net, (3, 96, 96), n_inputs=8, draws=4, progress=False)\n"
              "fit = res.fit\n"
              "print(res)\n"
              "print(\"fit sigma:\", fit.sigma.round(2), \" r2:\", round(fit.r2, 3))\n"
@@ -46,7 +47,7 @@ CELLS = [
     ("md", "## 3. Uncertainty: standard errors and the difference of two maps\n"
            "Every map carries its per-position standard error; `erf.diff` gives a z-score map. "
            "Two runs over disjoint weight draws of the same network merge into one run."),
-    ("code", "more = erf.effective_rf(lambda: pooling_net(\"max\"), (3, 96, 96), n_inputs=8, draws=4, first_draw=4,\n"
+    ("code", "more = erf.effective_rf(max_net, (3, 96, 96), n_inputs=8, draws=4, first_draw=4,\n"
              "                        progress=False)\n"
              "both = res.merge(more)\n"
              "print(\"maps:\", both.n, \" draw ranges:\", both.config[\"draw_ranges\"])\n"
