@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 import erf
-import erf.engine as engine
+import erf._maps as maps_mod
+import erf._plan as plan_mod
 from erf.nets import conv_stack, pooling_net
 from erf.pooling._registry import REGISTRY
 
@@ -144,12 +145,12 @@ def resnet_case(size: int, n: int, n_b1: int, dev: torch.device, rounds: int, bf
         p.requires_grad_(False)
 
     def no_channels_last():
-        saved = engine.use_channels_last
-        engine.use_channels_last = lambda run: False
+        saved = plan_mod.use_channels_last
+        plan_mod.use_channels_last = lambda *args: False
         try:
             return engine_run(model, shape, dev, layer="layer4", inputs=x, crop=False, fold_bn=False)
         finally:
-            engine.use_channels_last = saved
+            plan_mod.use_channels_last = saved
 
     paths = [
         ("a", lambda: batch1_protocol(features, x[:n_b1], dev)),
@@ -210,7 +211,7 @@ def pooling_case(n: int, dev: torch.device, repeats: int) -> list[dict]:
         torch.manual_seed(0)
         net = pooling_net(name).eval()
         res = engine_run(net, shape, dev, inputs=x)
-        frozen = engine._Run._freeze
+        frozen = maps_mod.freeze
         net_d = net.to(dev)
         frozen(net_d)
         got = interleaved([("floor", lambda: bare_batched(net_d, x, n, dev)),

@@ -15,8 +15,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "effective_rf": "erf.engine",
-    "ERFResult": "erf.engine",
-    "load": "erf.engine",
+    "ERFResult": "erf.result",
+    "load": "erf.result",
     "theoretical_rf": "erf.trf",
     "empirical_trf": "erf.trf",
     "RFReport": "erf.trf",

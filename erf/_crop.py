@@ -127,35 +127,34 @@ def plan_from_reports(reports: Sequence[Any], targets: Sequence[Target],
     return CropPlan(tuple(window), tuple(moved), fraction)
 
 
-def _reports(run: Any) -> list[Any] | None:
+def trf_reports(model: Any, input_shape: Sequence[int], targets: Sequence[Target]) -> list[Any] | None:
+    """One TRF report (:func:`erf.trf.theoretical_rf`) per target, or ``None`` when the analyser is
+    missing, fails or warns (then no crop)."""
     try:
         from erf.trf import theoretical_rf
     except ImportError:
         log.info("erf: no crop (the TRF analyser erf.trf is not available)")
         return None
-    model = run.model0
     reports = []
-    for t in run.targets:
+    for t in targets:
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                reports.append(theoretical_rf(model, run.input_shape, layer=t.layer or None, unit=t.unit))
+                reports.append(theoretical_rf(model, input_shape, layer=t.layer or None, unit=t.unit))
         except Exception as exc:  # the analyser does not handle every model: then no crop
             log.info("erf: no crop (TRF analysis failed: %s)", exc)
             return None
         if caught:  # the analyser was unsure of something: when in doubt, do not crop
             log.info("erf: no crop (TRF analysis warned: %s)", caught[0].message)
             return None
-    # The results reuse these reports as their ``.trf``: the analysis is done once per run.
-    run.trf_reports = {t.layer: r for t, r in zip(run.targets, reports)}
     return reports
 
 
-def _unit_grads(run: Any, x: torch.Tensor, targets: Sequence[Target]) -> list[torch.Tensor]:
+def _unit_grads(mapper: Any, model: Any, x: torch.Tensor, targets: Sequence[Target]) -> list[torch.Tensor]:
     """Raw input gradients of every target's unit for a batch ``x`` (float32 or float64, no autocast)."""
     x = x.detach().clone().requires_grad_(True)
-    with torch.enable_grad(), torch.autocast(run.device.type, enabled=False):
-        outs = run._forward(run.model0, x, stop=True)
+    with torch.enable_grad(), torch.autocast(mapper.device.type, enabled=False):
+        outs = mapper.forward(model, x, stop=True)
         scalars = [t.scalar(outs[t.layer]).sum() for t in targets]
     grads = []
     for i, s in enumerate(scalars):
@@ -166,21 +165,24 @@ def _unit_grads(run: Any, x: torch.Tensor, targets: Sequence[Target]) -> list[to
     return grads
 
 
-def verify(run: Any, plan: CropPlan) -> str | None:
-    """Check ``plan`` on one probe input; ``None`` when it holds, else the reason it does not."""
-    dtype = torch.float64 if run.dtype == torch.float64 else torch.float32
+def verify(mapper: Any, model: Any, input_shape: Sequence[int], plan: CropPlan) -> str | None:
+    """Check ``plan`` on one probe input; ``None`` when it holds, else the reason it does not.
+
+    ``mapper`` (:class:`erf._maps.Mapper`) runs ``model`` stopped at the targets' layers.
+    """
+    dtype = torch.float64 if mapper.dtype == torch.float64 else torch.float32
     gen = torch.Generator().manual_seed(12345)
-    x = torch.randn((1,) + tuple(run.input_shape), generator=gen, dtype=dtype).to(run.device)
+    x = torch.randn((1,) + tuple(input_shape), generator=gen, dtype=dtype).to(mapper.device)
     xc = plan.crop(x)
     with torch.no_grad():
-        outs = run._forward(run.model0, xc, stop=True)
+        outs = mapper.forward(model, xc, stop=True)
     for t in plan.targets:
         out = t.prepare(outs[t.layer])
         spatial = tuple(out.shape[2:])
         if any(u < 0 or u >= s for u, s in zip(t.unit, spatial)):
             return f"unit {t.unit} is not in the cropped output of shape {spatial}"
-    full = _unit_grads(run, x, run.targets)
-    cropped = _unit_grads(run, xc, plan.targets)
+    full = _unit_grads(mapper, model, x, mapper.targets)
+    cropped = _unit_grads(mapper, model, xc, plan.targets)
     inside = (slice(None), slice(None)) + plan.window
     for gf, gc in zip(full, cropped):
         outside = gf.clone()
@@ -194,34 +196,39 @@ def verify(run: Any, plan: CropPlan) -> str | None:
     return None
 
 
-def plan_crop(run: Any) -> CropPlan | None:
-    """The crop plan of a set-up run, or ``None`` (no crop) with the reason logged.
+def plan_crop(mapper: Any, model: Any, input_shape: Sequence[int], *, samples: int, per_sample_bytes: int,
+              select: Any = None, grid: Any = None) -> tuple[CropPlan | None, dict[str, Any]]:
+    """The crop plan of a run, or ``None`` (no crop) with the reason logged; and the TRF reports.
+
+    ``mapper`` (:class:`erf._maps.Mapper`, unplanned) gives the targets, method and mode; ``model`` is
+    the first draw; ``samples`` the maps the run computes. The reports (``{layer: RFReport}``, empty
+    when there are none) are reused as the results' ``.trf``: the analysis is done once per run.
 
     No crop for train mode (stochastic modules draw noise of the tensor's shape), captum methods,
     ``select``/``grid`` targets, runs too small to pay for the analysis (:data:`MIN_WORK_BYTES`), or
     when the crop would keep more than :data:`MAX_FRACTION` of the input.
     """
-    if run.train_mode or run.method != "gradient" or run.select is not None or run.grid is not None:
-        return None
-    samples = (run.source.n if run.source.n is not None else 32) * run.draws
-    if run.per_sample_bytes * samples < MIN_WORK_BYTES:
-        return None  # too little work for the analysis to pay off
-    reports = _reports(run)
+    if mapper.train_mode or mapper.method != "gradient" or select is not None or grid is not None:
+        return None, {}
+    if per_sample_bytes * samples < MIN_WORK_BYTES:
+        return None, {}  # too little work for the analysis to pay off
+    reports = trf_reports(model, input_shape, mapper.targets)
     if reports is None:
-        return None
-    plan = plan_from_reports(reports, run.targets, run.input_shape)
+        return None, {}
+    by_layer = {t.layer: r for t, r in zip(mapper.targets, reports)}
+    plan = plan_from_reports(reports, mapper.targets, input_shape)
     if plan is None:
         log.info("erf: no crop (the unit's TRF is not finite and aligned)")
-        return None
+        return None, by_layer
     if plan.fraction > MAX_FRACTION:
-        return None
+        return None, by_layer
     try:
-        reason = verify(run, plan)
+        reason = verify(mapper, model, input_shape, plan)
     except Exception as exc:  # the model refuses the crop size, or anything else: no crop
         reason = f"the cropped forward failed ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
     if reason is not None:
         log.info("erf: no crop (%s)", reason)
-        return None
+        return None, by_layer
     log.info("erf: cone crop %s keeps %.1f%% of the input", [(w.start, w.stop) for w in plan.window],
              100 * plan.fraction)
-    return plan
+    return plan, by_layer

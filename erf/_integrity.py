@@ -141,19 +141,19 @@ def inputs_hash(source: Any) -> str:
     return h.hexdigest()
 
 
-def run_fingerprint(run: Any, built: nn.Module) -> dict[str, str]:
-    """The fingerprint of a run (see the module docstring); ``built`` is the model of the first draw
-    as built (on the CPU, before the engine prepares it)."""
+def run_fingerprint(maker: Any, first_draw: int, source: Any, built: nn.Module) -> dict[str, str]:
+    """The fingerprint of a run (see the module docstring): ``maker`` builds its draws (:class:`erf._draws.DrawMaker`),
+    ``source`` gives its inputs; ``built`` is the model of draw ``first_draw`` as built (on the CPU, before the
+    engine prepares it)."""
     from erf import __version__
 
-    maker = run.maker
-    ref = built if run.first_draw == 0 else maker.build(0)
+    ref = built if first_draw == 0 else maker.build(0)
     extra = []
     if maker.is_factory:
         extra.append(maker.model)
     if callable(maker.init):
         extra.append(maker.init)
-    return {"weights": weights_hash(ref), "code": code_hash(ref, *extra), "inputs": inputs_hash(run.source),
+    return {"weights": weights_hash(ref), "code": code_hash(ref, *extra), "inputs": inputs_hash(source),
             "erf": __version__}
 
 

@@ -58,3 +58,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
 def atomic_write_text(path: str | os.PathLike, text: str) -> str:
     """Write ``text`` (UTF-8) to ``path`` atomically; returns the path."""
     return atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def atomic_savez(path: str, arrays: dict) -> None:
+    """``np.savez`` of ``arrays`` to ``path`` atomically (:func:`atomic_write`)."""
+    import numpy as np
+
+    atomic_write(path, lambda fh: np.savez(fh, **arrays))

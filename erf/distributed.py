@@ -9,6 +9,9 @@ computes. Each rank folds its maps into float64 running moments on its device; o
 (Chan, Golub & LeVeque 1979): the result does not depend on the number of ranks (up to float64
 rounding). Every rank returns the combined result; only rank 0 writes (checkpoints, CLI outputs).
 
+This module only assigns the items and reduces: each item is computed by the package's one
+draw/batch loop, :meth:`erf._work.Worker.run_item`.
+
 Failures: the ranks compare a status flag after every round of items, so a rank that raises
 makes every rank raise (:class:`DistributedError` names the rank and its error), and a rank that
 dies or stalls makes the next collective fail after at most the process group's timeout.
@@ -32,11 +35,17 @@ from typing import Any, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
+from erf._accumulate import Accumulator, Fingerprint, load_checkpoint, save_checkpoint
+from erf._options import DEFAULT_DIST_TIMEOUT
 from erf._rng import BLOCK
-from erf._stats import RunningMoments
 from erf._validate import check_positive_float
+from erf._work import Item as WorkItem
+from erf._work import RunInterrupted, Worker, batch_ranges
 
-DEFAULT_TIMEOUT = 1800.0  #: seconds a collective may wait for the other ranks
+DEFAULT_TIMEOUT = DEFAULT_DIST_TIMEOUT  #: seconds a collective may wait for the other ranks
+__all__ = ["DEFAULT_TIMEOUT", "DistContext", "DistributedError", "batch_ranges", "combine", "dist_context",
+           "exchange", "from_options", "is_main_process", "item_size", "join", "reduce_sums", "run_sharded",
+           "shard", "work_items"]
 
 T = TypeVar("T")
 Item = tuple[int, int, int]  # (draw, lo, hi)
@@ -130,6 +139,16 @@ def from_options(distributed: Any, dist_timeout: Any, device: torch.device, *, s
     if not isinstance(distributed, bool):
         raise TypeError(f"distributed must be True or False, got {distributed!r}")
     timeout = check_positive_float("dist_timeout", dist_timeout)
+    return join(distributed, timeout, device, source=source, until_stderr=until_stderr)
+
+
+def join(distributed: bool, timeout: float, device: torch.device, *, source: Any,
+         until_stderr: float | None) -> DistContext | None:
+    """The context of a run with validated options (``None`` unless ``distributed``; see :func:`dist_context`).
+
+    Raises:
+        ValueError: inputs that are not random access, or ``until_stderr`` with ``distributed``.
+    """
     if not distributed:
         return None
     if not getattr(source, "random_access", False):
@@ -186,19 +205,6 @@ def work_items(first_draw: int, draws: int, n: int, size: int,
     return items
 
 
-def batch_ranges(lo: int, hi: int, batch_size: int, train_mode: bool) -> list[tuple[int, int]]:
-    """Batches of one item; in train mode they never straddle a block (as in a single process)."""
-    out = []
-    i = lo
-    while i < hi:
-        stop = min(i + batch_size, hi)
-        if train_mode:
-            stop = min(stop, (i // BLOCK + 1) * BLOCK)
-        out.append((i, stop))
-        i = stop
-    return out
-
-
 # --------------------------------------------------------------------------- collectives
 
 
@@ -237,89 +243,70 @@ def exchange(ctx: DistContext, payload: Any = None, error: BaseException | None 
     return [p for _, p in gathered]
 
 
-def combine(parts: Sequence[RunningMoments]) -> RunningMoments:
-    """Chan's combination of accumulators, in the given order (the rank order)."""
+def combine(parts: Sequence[T]) -> T:
+    """Chan's combination of accumulators (anything with ``merge``), in the given order (the rank order)."""
     out = parts[0]
     for p in parts[1:]:
         out = out.merge(p)
     return out
 
 
-def reduce_moments(ctx: DistContext, stats: Sequence[RunningMoments],
-                   skipped: torch.Tensor) -> tuple[list[RunningMoments], torch.Tensor]:
-    """All ranks' moments combined (float64), on every rank; and the total of ``skipped``.
+def reduce_sums(ctx: DistContext, acc: Accumulator) -> Accumulator:
+    """All ranks' sums combined (float64), on every rank, skipped counts added.
 
-    One ``all_gather`` of a flat float64 vector ``[skipped, (n, mean, M2) per target]`` per rank,
+    One ``all_gather`` of every rank's flat float64 vector (:meth:`erf._accumulate.Accumulator.flat`),
     then :func:`combine` in rank order.
 
     Raises:
         DistributedError: a rank died or stalled past the timeout.
     """
-    home = stats[0].mean.device
-    flat = [skipped.reshape(1).to(torch.float64)]
-    for st in stats:
-        flat += [st.n.reshape(1), st.mean.reshape(-1), st.m2.reshape(-1)]
-    mine = torch.cat([f.to(ctx.comm_device) for f in flat])
+    home = acc.skipped.device
+    mine = acc.flat().to(ctx.comm_device)
     bufs = [torch.empty_like(mine) for _ in range(ctx.world_size)]
     try:
         dist.all_gather(bufs, mine, group=ctx.group)
     except Exception as exc:  # noqa: BLE001
         raise _lost(ctx, "combining the running sums", exc) from None
-    per_rank: list[list[RunningMoments]] = []
-    total_skipped = torch.zeros((), dtype=torch.float64, device=home)
-    for buf in bufs:
-        buf = buf.to(home)
-        total_skipped = total_skipped + buf[0]
-        i, mine_stats = 1, []
-        for st in stats:
-            k = st.mean.numel()
-            mine_stats.append(RunningMoments(buf[i].clone(), buf[i + 1: i + 1 + k].reshape(st.mean.shape).clone(),
-                                             buf[i + 1 + k: i + 1 + 2 * k].reshape(st.m2.shape).clone()))
-            i += 1 + 2 * k
-        per_rank.append(mine_stats)
-    merged = [combine([rank_stats[t] for rank_stats in per_rank]) for t in range(len(stats))]
-    return merged, total_skipped
+    return combine([acc.from_flat(buf.to(home)) for buf in bufs])
 
 
-# --------------------------------------------------------------------------- the sharded loop
+# --------------------------------------------------------------------------- the sharded run
 
 
-def run_sharded(run: Any, config: dict) -> list[tuple[int, Any, Any]]:
-    """The distributed counterpart of ``_Run.run``: this rank's items, then one reduction.
+def run_sharded(worker: Worker, opts: Any, ctx: DistContext, fingerprint: Fingerprint) -> Accumulator:
+    """This rank's items through the worker's loop, then one reduction; the combined sums (on every rank).
 
-    ``run`` is a set-up :class:`erf.engine._Run` with ``run.dist`` a :class:`DistContext`.
-    Returns the combined ``(n, mean, m2)`` of every target (the same on every rank).
+    ``opts`` (:class:`erf._options.Options`) gives draws, checkpointing and progress.
     """
     from tqdm.auto import tqdm
 
-    from erf._batch import run_split
-
-    ctx: DistContext = run.dist
     try:  # a group of its own: the run's timeout holds even in a group the caller made
         group = dist.new_group(timeout=timedelta(seconds=ctx.timeout))
     except Exception as exc:  # noqa: BLE001
         raise _lost(ctx, "creating the run's process group", exc) from None
     ctx = dataclasses.replace(ctx, group=group)
-    fingerprint = run._fingerprint(config)
-    position, error = (run.first_draw, 0), None
-    if ctx.rank == 0 and run.checkpoint is not None and run.resume:
+    acc = worker.accumulator
+    position, error = (opts.first_draw, 0), None
+    if ctx.rank == 0 and opts.checkpoint is not None and opts.resume:
         try:
-            position = run._load_checkpoint(fingerprint)
+            position, saved_batch = load_checkpoint(opts.checkpoint, acc, fingerprint, position, draws=opts.draws,
+                                                    n_per_draw=worker.source.n)
+            if saved_batch is not None:
+                worker.batch.value = saved_batch
         except Exception as exc:  # noqa: BLE001 - reported to every rank below
             error = exc
-    infos = exchange(ctx, (run.batch_size_used, position), error, "starting")
-    run.batch_size_used = min(bs for bs, _ in infos)  # items must be cut the same way on every rank
+    infos = exchange(ctx, (worker.batch.value, position), error, "starting")
+    worker.batch.value = min(bs for bs, _ in infos)  # items must be cut the same way on every rank
     position = tuple(infos[0][1])
-    n = run.source.n
-    remaining = (run.first_draw + run.draws - position[0]) * n - position[1]
-    size = item_size(run.batch_size_used, remaining, ctx.world_size, run.train_mode)
-    items = work_items(run.first_draw, run.draws, n, size, position)
+    n = worker.source.n
+    remaining = (opts.first_draw + opts.draws - position[0]) * n - position[1]
+    size = item_size(worker.batch.value, remaining, ctx.world_size, opts.train_mode)
+    items = work_items(opts.first_draw, opts.draws, n, size, position)
     rounds = math.ceil(len(items) / ctx.world_size)
-    end = (run.first_draw + run.draws, 0)
+    end = (opts.first_draw + opts.draws, 0)
     mine = sum(hi - lo for _, lo, hi in shard(items, ctx.rank, ctx.world_size))
-    bar = tqdm(total=mine, disable=None if (run.progress and ctx.rank == 0) else True, delay=1.0, unit="map",
+    bar = tqdm(total=mine, disable=None if (opts.progress and ctx.rank == 0) else True, delay=1.0, unit="map",
                desc=f"erf [rank 0 of {ctx.world_size}]", file=sys.stderr, dynamic_ncols=True, leave=False)
-    model_of: tuple[int, Any] = (run.first_draw, run.model0)
     saved = False
     try:
         for j in range(rounds):
@@ -328,56 +315,45 @@ def run_sharded(run: Any, config: dict) -> list[tuple[int, Any, Any]]:
             if k < len(items):
                 draw, lo, hi = items[k]
                 try:
-                    if model_of[0] != draw:  # a rank builds only the draws it has work for
-                        model_of = (draw, run._prepare(run.maker.build(draw)))
-                    for a, b in batch_ranges(lo, hi, run.batch_size_used, run.train_mode):
-                        x, model = run.source.get(draw, a, b), model_of[1]
-                        # out of memory: halve the batch and retry (erf._batch), as the single-process loop
-                        for c, d, maps in run_split(lambda c, d: run._run_batch(model, x[c - a: d - a], draw, c, d),
-                                                    a, b, run):
-                            run._accumulate(maps, draw, c, d)
+                    for _ in worker.run_item(WorkItem((draw,), lo, hi)):
+                        pass
                     bar.update(hi - lo)
                 except Exception as exc:  # noqa: BLE001 - re-raised by exchange once the others know
                     error = exc
             exchange(ctx, None, error, f"finishing round {j + 1} of {rounds}")
             last = j == rounds - 1
-            if run.checkpoint is not None and not last and (j + 1) % run.checkpoint_every == 0:
+            if opts.checkpoint is not None and not last and (j + 1) % opts.checkpoint_every == 0:
                 nxt = (j + 1) * ctx.world_size
-                _checkpoint(run, ctx, items[nxt][:2] if nxt < len(items) else end, fingerprint)
+                _checkpoint(ctx, acc, opts.checkpoint, items[nxt][:2] if nxt < len(items) else end,
+                            worker.batch.value, fingerprint)
                 saved = True
     except KeyboardInterrupt:
         if saved:
-            from erf.engine import RunInterrupted
-
-            raise RunInterrupted(f"interrupted; progress up to the last checkpoint is in {run.checkpoint!r}: run "
+            raise RunInterrupted(f"interrupted; progress up to the last checkpoint is in {opts.checkpoint!r}: run "
                                  "again with resume=True (CLI: --resume) to continue") from None
         raise
     finally:
         bar.close()
-    merged, skipped = reduce_moments(ctx, run.stats, run.skipped)
-    run.stats, run.skipped = merged, skipped
+    merged = reduce_sums(ctx, acc)
     error = None
-    if run.checkpoint is not None and ctx.rank == 0:
+    if opts.checkpoint is not None and ctx.rank == 0:
         try:
-            run._save_checkpoint(*end, fingerprint)
+            save_checkpoint(opts.checkpoint, merged, end, worker.batch.value, fingerprint)
         except Exception as exc:  # noqa: BLE001 - reported to every rank
             error = exc
     exchange(ctx, None, error, "writing the final checkpoint")
     dist.destroy_process_group(group)
-    return [st.to_numpy() for st in merged]
+    return merged
 
 
-def _checkpoint(run: Any, ctx: DistContext, position: tuple[int, int], fingerprint: str) -> None:
+def _checkpoint(ctx: DistContext, acc: Accumulator, path: str, position: tuple[int, int], batch_size: int,
+                fingerprint: Fingerprint) -> None:
     """Rank 0 writes the reduced sums with ``position``; the ranks keep their own sums running."""
-    merged, skipped = reduce_moments(ctx, run.stats, run.skipped)
+    merged = reduce_sums(ctx, acc)
     error = None
     if ctx.rank == 0:
-        own = run.stats, run.skipped
-        run.stats, run.skipped = merged, skipped
         try:
-            run._save_checkpoint(position[0], position[1], fingerprint)
+            save_checkpoint(path, merged, position, batch_size, fingerprint)
         except Exception as exc:  # noqa: BLE001 - reported to every rank
             error = exc
-        finally:
-            run.stats, run.skipped = own
     exchange(ctx, None, error, "writing a checkpoint")

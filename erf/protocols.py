@@ -409,7 +409,7 @@ def load_map(path: Any) -> tuple[Any, np.ndarray]:
     """
     import os
 
-    from erf.engine import ERFResult, load
+    from erf.result import ERFResult, load
 
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")

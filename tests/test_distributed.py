@@ -84,11 +84,11 @@ def job(name: str, out: Path) -> tuple[nn.Module, tuple[int, ...], dict]:
 def worker(out: Path, names: list[str]) -> None:
     """One rank: run each job with distributed=True and save what it returned (and what it wrote)."""
     rank = int(os.environ["RANK"])
-    import erf.engine as engine
+    import erf._io as io
 
     writes: list[str] = []
-    real_savez = engine.atomic_savez
-    engine.atomic_savez = lambda path, arrays: (writes.append(path), real_savez(path, arrays))[1]
+    real_savez = io.atomic_savez
+    io.atomic_savez = lambda path, arrays: (writes.append(path), real_savez(path, arrays))[1]
     for name in names:
         if name in ("kill", "raise"):
             os.environ["ERF_TEST_FAIL"] = "1:2:kill" if name == "kill" else f"{int(os.environ['WORLD_SIZE']) - 1}:2:raise"

@@ -12,8 +12,10 @@ import torch
 from torch import nn
 
 import erf
+import erf._batch as batch_mod
 import erf._crop as crop_mod
-import erf.engine as engine
+import erf._maps as maps_mod
+import erf._plan as plan_mod
 from erf.nets import conv_stack, pooling_net
 from erf.pooling._registry import REGISTRY
 
@@ -61,9 +63,9 @@ def chain_report(model: nn.Module, input_shape, unit):
 
 
 def _patch_reports(monkeypatch, fn=chain_report):
-    def reports(run):
-        return [fn(run.model0, run.input_shape, t.unit) for t in run.targets]
-    monkeypatch.setattr(crop_mod, "_reports", reports)
+    def reports(model, input_shape, targets):
+        return [fn(model, input_shape, t.unit) for t in targets]
+    monkeypatch.setattr(crop_mod, "trf_reports", reports)
 
 
 def _close(a, b, rtol=1e-5):
@@ -134,7 +136,7 @@ def test_wrong_report_is_caught_and_not_cropped(monkeypatch):
 
 def test_no_crop_for_global_units_or_without_analyser(monkeypatch):
     model = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.AdaptiveAvgPool2d(4))
-    monkeypatch.setattr(crop_mod, "_reports", lambda run: [SimpleNamespace(
+    monkeypatch.setattr(crop_mod, "trf_reports", lambda model, shape, targets: [SimpleNamespace(
         region=((0, 47), (0, 47)), jump=(12, 12), croppable=False)])
     assert erf.effective_rf(model, (2, 48, 48), **OPTS).meta["crop"] is None
     monkeypatch.undo()
@@ -230,7 +232,7 @@ def test_auto_batch_equals_batch_one():
 def test_out_of_memory_halves_and_retries(monkeypatch):
     model = conv_stack(3, width=2, act="relu")
     ref = erf.effective_rf(model, (2, 16, 16), n_inputs=12, batch_size=12, progress=False)
-    real = engine._Run._maps
+    real = maps_mod.Mapper.maps
     sizes = []
 
     def fake(self, m, x):
@@ -239,7 +241,7 @@ def test_out_of_memory_halves_and_retries(monkeypatch):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(self, m, x)
 
-    monkeypatch.setattr(engine._Run, "_maps", fake)
+    monkeypatch.setattr(maps_mod.Mapper, "maps", fake)
     with pytest.warns(RuntimeWarning, match="out of memory"):
         r = erf.effective_rf(model, (2, 16, 16), n_inputs=12, batch_size=12, progress=False)
     assert max(s for s in sizes if s <= 3) == 3 and r.n == 12
@@ -247,7 +249,7 @@ def test_out_of_memory_halves_and_retries(monkeypatch):
 
 
 def test_too_large_cpu_request_is_reduced(monkeypatch):
-    monkeypatch.setattr(engine, "_free_memory", lambda device: 1 << 20)
+    monkeypatch.setattr(batch_mod, "free_memory", lambda device: 1 << 20)
     with pytest.warns(UserWarning, match="free RAM"):
         r = erf.effective_rf(conv_stack(2, width=2), (2, 32, 32), n_inputs=8, batch_size=10**6, progress=False)
     assert 1 <= r.config["batch_size"] < 10**6 and r.n == 8
@@ -259,7 +261,7 @@ def test_channels_last_equals_contiguous(monkeypatch):
     model = pooling_net("avg", depth=2, width=8)
     runs = {}
     for flag in (False, True):
-        monkeypatch.setattr(engine, "use_channels_last", lambda run, flag=flag: flag)
+        monkeypatch.setattr(plan_mod, "use_channels_last", lambda *args, flag=flag: flag)
         runs[flag] = erf.effective_rf(model, (3, 32, 32), crop=False, **OPTS)
     _close(runs[False].map, runs[True].map)
 

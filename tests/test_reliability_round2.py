@@ -645,7 +645,7 @@ def test_item5_memory_comes_from_the_cgroup_limit(name, files, cgroup, expected,
 
 
 def test_item5_one_sample_that_cannot_fit_is_refused_and_train_mode_keeps_the_batch(monkeypatch):
-    monkeypatch.setattr(erf.engine, "_free_memory", lambda device: 1 << 20)  # a 1 MiB container
+    monkeypatch.setattr("erf._batch.free_memory", lambda device: 1 << 20)  # a 1 MiB container
     with pytest.raises(ValueError, match=r"input_shape \(1, 256, 256\): one sample needs about .* only 1.0 MiB"):
         erf.effective_rf(_conv(), (1, 256, 256), n_inputs=2, progress=False, device="cpu")
     monkeypatch.undo()
