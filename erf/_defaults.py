@@ -86,10 +86,13 @@ def _probe_stages(model: nn.Module, input_shape: Sequence[int]) -> list[str]:
     p = next((t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()), None)
     x = torch.zeros((1,) + tuple(input_shape), device=p.device if p is not None else "cpu",
                     dtype=p.dtype if p is not None and p.dtype == torch.float64 else torch.float32)
+    was_training = model.training
+    model.eval()  # the caller's model (erf.theoretical_rf): no BatchNorm statistics updated
     try:
         with torch.no_grad():
             model(x)
     finally:
+        model.train(was_training)
         for h in handles:
             h.remove()
     key_of: dict[str, tuple] = {}

@@ -162,9 +162,14 @@ def _check_model(model) -> nn.Module:
     raise TypeError(f"model must be an nn.Module or a factory, got {type(model).__name__}")
 
 
-def _layer_path(model: nn.Module, layer) -> str | None:
-    """The module path of ``layer`` (``None`` for the model output); see :func:`erf._validate.resolve_layer`."""
-    return resolve_layer(model, layer) or None
+def _layer_path(model: nn.Module, layer, input_shape) -> str | None:
+    """The module path of ``layer`` (``None`` for the model output): a path, a module or ``stage:K``
+    (:func:`erf._defaults.resolve_layers`, which lists close names for a misspelt path)."""
+    if layer is None:
+        return None
+    from ._defaults import resolve_layers
+
+    return resolve_layers(model, model, [layer], input_shape)[0] or None
 
 
 def _check_unit(unit, sizes: Sequence[int]) -> tuple[int, ...]:
@@ -299,7 +304,7 @@ def theoretical_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequ
     """
     model = _check_model(model)
     input_shape = check_input_shape(input_shape)
-    path = _layer_path(model, layer)
+    path = _layer_path(model, layer, input_shape)
     was_training = model.training
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     # the copy shares parameter and buffer storage: the analysis reads them, never writes
@@ -551,7 +556,7 @@ def empirical_trf(model: nn.Module | Callable[[], nn.Module], input_shape: Seque
     model = _check_model(model)
     input_shape = check_input_shape(input_shape)
     check_conv_rank(model, input_shape)
-    path = _layer_path(model, layer)
+    path = _layer_path(model, layer, input_shape)
     if not isinstance(n_inputs, int) or isinstance(n_inputs, bool) or n_inputs < 1:
         raise ValueError(f"n_inputs must be a positive int, got {n_inputs!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:

@@ -186,6 +186,10 @@ def test_stage_shorthand_and_close_names():
         erf.effective_rf(make, SHAPE, layer="stage:last", **KW)
     with pytest.raises(ValueError, match="did you mean layer4"):
         erf.effective_rf(make, SHAPE, layer="layr4", **KW)
+    model = torchvision.models.resnet18()  # theoretical_rf: the same shorthand, the caller's model untouched
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert erf.theoretical_rf(model, SHAPE, layer="stage:-1").layer == "layer4" and model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_zero_initialised_residual_scales_warn_and_kaiming_all_fixes_them():
