@@ -76,7 +76,7 @@ class ERFResult:
         if self._trf is None and self._model is not None and self.trf_reason is None:
             from erf.trf import TRFUnavailable, theoretical_rf
 
-            from erf._layout import layout_trf
+            from erf._layout_trf import layout_trf
 
             try:  # token / channels-last outputs: erf._layout (attention: global, the patch as local field)
                 self._trf = layout_trf(theoretical_rf, self._model, self.input_shape, self.layer or None, self.unit,
