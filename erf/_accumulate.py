@@ -121,9 +121,9 @@ class Accumulator:
                 bad = (~finite).nonzero().flatten().tolist()
                 if self.nonfinite == "raise":
                     raise ValueError(
-                        f"non-finite gradients in draw {draw}, inputs {lo}..{hi - 1} (samples "
-                        f"{[lo + b for b in bad[:5]]}); pass nonfinite='skip' to skip and count them, or use "
-                        "dtype=torch.float64 / smaller inputs")
+                        f"non-finite gradients or unit values in draw {draw}, inputs {lo}..{hi - 1} (samples "
+                        f"{[lo + b for b in bad[:5]]}; in float16/bfloat16 an activation may have overflowed); "
+                        "pass nonfinite='skip' to skip and count them, or use dtype=torch.float32 / smaller inputs")
                 self.skipped += (~finite).sum()
                 st.update(m, (draw,), weight=finite, window=window)
             else:

@@ -258,3 +258,55 @@ def check_checkpoint_path(path: str | None, resume: bool) -> None:
     if os.path.isfile(path) and not resume:
         raise ValueError(f"checkpoint {path!r} exists and holds earlier progress: pass resume=True to continue "
                          "it, or delete it to start afresh (it is never replaced silently)")
+
+
+# --------------------------------------------------------------------------- values met during a run
+def check_finite_inputs(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """``x`` (inputs ``lo .. hi-1``) must be finite: a NaN/Inf input gives a finite but meaningless map."""
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        bad = (~torch.isfinite(x.reshape(x.shape[0], -1)).all(1)).nonzero().flatten().tolist()
+        raise ValueError(f"inputs: inputs {[lo + b for b in bad[:5]]} (of {lo}..{hi - 1}) hold NaN or Inf values; "
+                         "pass finite inputs")
+    return x
+
+
+class OverflowGuard:
+    """Forward hooks on every leaf module marking the samples whose activations are not finite.
+
+    In float16/bfloat16 a forward pass can overflow (inf) and a later saturating layer hide it,
+    leaving a finite but wrong unit value; the engine treats such samples as non-finite maps."""
+
+    def __init__(self, model: nn.Module, n: int, device: torch.device):
+        self.bad = torch.zeros(n, dtype=torch.bool, device=device)
+        self.n = n
+        self.handles = [m.register_forward_hook(self._hook) for m in model.modules()
+                        if not any(True for _ in m.children())]
+
+    def _hook(self, _m, _args, out) -> None:
+        if isinstance(out, torch.Tensor) and out.is_floating_point() and out.dim() >= 1 and out.shape[0] == self.n:
+            self.bad |= ~torch.isfinite(out.detach().reshape(self.n, -1)).all(1)
+
+    def __enter__(self) -> "OverflowGuard":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def check_run_outcome(n: float, mean: np.ndarray, name: str, skipped: float) -> None:
+    """After a run: n = 0 is an error; an all-zero or constant map a warning naming the likely causes."""
+    import warnings
+
+    if n <= 0:
+        why = (f"all {int(skipped)} samples had non-finite gradients or unit values and were skipped"
+               if skipped else "the inputs were empty")
+        raise ValueError(f"no map was averaged for {name} (n = 0): {why}")
+    if not np.any(mean):
+        warnings.warn(f"the map of {name} is all zeros: the unit does not depend on the input (a forward under "
+                      "torch.no_grad or .detach(), a constant or zero-weight model, dead ReLUs, or a unit whose "
+                      "field lies in the padding)", RuntimeWarning, stacklevel=3)
+    elif mean.size > 1 and float(np.ptp(mean)) == 0.0:
+        warnings.warn(f"the map of {name} is constant ({float(mean.flat[0]):.4g} everywhere): the unit weighs every "
+                      "input position equally (a global average of a linear model?), so its ERF has no shape",
+                      RuntimeWarning, stacklevel=3)

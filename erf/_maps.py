@@ -10,6 +10,7 @@ memory layout with :meth:`Mapper.with_plan`; it never changes after that.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from erf._fold import fold_batchnorms
+from erf._integrity import OverflowGuard
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -64,6 +66,13 @@ def prepare(model: nn.Module, device: torch.device, dtype: torch.dtype, train_mo
     model = model.to(device)
     if dtype == torch.float64:
         model = model.double()
+    else:  # float16/bfloat16/float64 parameters run in float32 (low precision through autocast)
+        kinds = {p.dtype for p in list(model.parameters()) + list(model.buffers()) if p.is_floating_point()}
+        if kinds - {torch.float32}:
+            warnings.warn(f"the model's parameters are {', '.join(sorted(str(k) for k in kinds))}: the run casts "
+                          f"its copy to float32 (dtype={str(dtype).replace('torch.', '')}); pass dtype=torch.float64 "
+                          "to measure a float64 model in float64", stacklevel=5)
+            model = model.float()
     model.train(train_mode)
     freeze(model)
     if fold:
@@ -163,19 +172,36 @@ class Mapper:
         if self.method != "gradient":
             return self._captum_maps(model, x)
         x.requires_grad_(True)
+        x_leaf = x
+        if getattr(self, "clone_input", False):  # the model modifies its input in place (ReLU(inplace=True))
+            x = x.clone()
         fn = self.reduce_fn
-        with torch.enable_grad(), self.autocast():
-            outs = self.forward(model, x, stop=True)
-            scalars = [t.scalar(outs[t.layer]).float().sum() for t in self.unit_targets]
+        low = self.dtype in LOW_PRECISION  # activations that overflow are caught, not averaged
+        with torch.enable_grad(), self.autocast(), \
+                (OverflowGuard(model, x.shape[0], x.device) if low else contextlib.nullcontext()) as guard:
+            try:
+                outs = self.forward(model, x, stop=True)
+            except RuntimeError as exc:
+                if "in-place operation" not in str(exc) or x is not x_leaf:
+                    raise
+                self.clone_input = True  # once: from now on the model gets a copy to modify
+                x = x_leaf.clone()
+                outs = self.forward(model, x, stop=True)
+            values = [t.scalar(outs[t.layer]) for t in self.unit_targets]
+            scalars = [(v.float() if v.dtype in LOW_PRECISION else v).sum() for v in values]
+        bad = ~torch.stack([torch.isfinite(v) for v in values]).all(0)  # the unit's value itself (no sync here)
+        if guard is not None:
+            bad |= guard.bad
         maps = []
         for i, s in enumerate(scalars):
             if not s.requires_grad:
                 g = torch.zeros_like(x)
             else:
-                g, = torch.autograd.grad(s, x, retain_graph=i < len(scalars) - 1, allow_unused=True)
+                g, = torch.autograd.grad(s, x_leaf, retain_graph=i < len(scalars) - 1, allow_unused=True)
                 if g is None:
                     g = torch.zeros_like(x)
-            maps.append(fn(g.float() if g.dtype in LOW_PRECISION else g))
+            m = fn(g.float() if g.dtype in LOW_PRECISION else g)
+            maps.append(m.masked_fill_(bad.view((-1,) + (1,) * (m.dim() - 1)), float("nan")))
         return maps
 
     def _captum_maps(self, model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:

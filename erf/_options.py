@@ -100,6 +100,11 @@ def resolve_device(device: Any) -> torch.device:
         raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or a torch.device, got {device!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} was asked for but CUDA is not available on this machine")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r} was asked for but MPS (Apple GPU) is not available on this machine")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r} (a {dev.type!r} "
+                         "device holds no data to differentiate)")
     return dev
 
 
@@ -117,6 +122,9 @@ def check_model(model: Any) -> None:
     if not isinstance(model, torch.nn.Module) and not callable(model):
         raise TypeError(f"model must be an nn.Module or a zero-argument factory returning one, "
                         f"got {type(model).__name__}")
+    if isinstance(model, (torch.jit.ScriptModule, torch.jit.ScriptFunction)):
+        raise TypeError("model is a TorchScript module: the engine needs forward hooks and deep copies of an "
+                        "eager nn.Module; pass the Python model (before torch.jit.script/trace)")
 
 
 def make_options(input_shape, *, layer, select, grid, layout=None, unit, channel, unit_relu, n_inputs, draws, first_draw,

@@ -38,9 +38,13 @@ def check_positive_float(name: str, value: Any, allow_none: bool = False) -> flo
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a positive number, got {type(value).__name__} {value!r}")
-    if not (float(value) > 0) or value != value or value == float("inf"):
+    try:
+        as_float = float(value)
+    except OverflowError:  # an int beyond float range (10**400)
+        raise ValueError(f"{name} must be a positive finite number, got an int of {len(str(value))} digits") from None
+    if not (as_float > 0) or value != value or as_float == float("inf"):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
+    return as_float
 
 
 def check_input_shape(input_shape: Any) -> tuple[int, ...]:

@@ -923,6 +923,9 @@ _OPTION_OF = {"protocol": "--protocol", "preprocess": "--preprocess", "input_sha
 
 def _cli_message(text: str) -> str:
     """An engine message as the command line says it: ``n_inputs must ...`` -> ``--n-inputs must ...``."""
+    if "; pass nonfinite='skip'" in text:  # options of the Python API only: say what the CLI can do
+        text = (text.split("; pass nonfinite='skip'")[0] + "; try smaller or normalised inputs (the Python API "
+                "can skip such samples: erf.effective_rf(..., nonfinite='skip'))")
     if text.startswith("select: ") and "; pass select=" in text:  # no --select: point at --layer
         text = (text.split("; pass select=")[0].replace("select: ", "--layer: ", 1)
                 + "; pass --layer PATH naming a layer whose output is one tensor, or a FILE.py:FACTORY "

@@ -30,6 +30,7 @@ from erf import distributed as _dist
 from erf._accumulate import Accumulator
 from erf._batch import BatchSize
 from erf._draws import describe_init
+from erf._integrity import check_run_outcome
 from erf._accumulate import Fingerprint
 from erf._options import (DEFAULT_DIST_TIMEOUT, METHODS, NONFINITE, REDUCES, check_model, fingerprint,
                           fingerprinted, make_options, run_config)
@@ -156,9 +157,12 @@ def effective_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequen
     meta["provenance"]["weights"] = weights_meta(st.model0, describe_init(opts.init), opts.draws, st.maker.is_factory)
     if meta["skipped"]:
         warnings.warn(f"{int(meta['skipped'])} samples with non-finite gradients were skipped", stacklevel=2)
+    outcome = acc.results()
+    for t, (n, mean, _m2) in zip(st.targets, outcome):  # n = 0 refused; all-zero / constant maps warned
+        check_run_outcome(n, mean, t.layer or "the output", meta["skipped"])
     analysis_model = st.model0.float() if opts.dtype == torch.float64 else st.model0
     results = {}
-    for t, (n, mean, m2) in zip(st.targets, acc.results()):
+    for t, (n, mean, m2) in zip(st.targets, outcome):
         cfg = dict(config, layer=t.layer, unit=list(t.unit))
         t_meta = dict(meta, **t.describe(st.chosen, st.maker.notes + st.degenerate.get(t.layer, [])))
         for msg in t_meta.get("warnings", []):

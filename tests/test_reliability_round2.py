@@ -679,3 +679,132 @@ def test_item5_train_mode_explicit_batch_keeps_the_block_noise(pool):
     small = erf.effective_rf(net, (3, 24, 24), batch_size=5, **kw)
     assert auto.config["batch_size"] == 32 and small.config["batch_size"] == 5
     np.testing.assert_allclose(small.map, auto.map, rtol=1e-6, atol=1e-12)
+
+
+class _Detached(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x):
+        return self.c(x).detach()
+
+
+class _Big(nn.Module):
+    """A conv whose float16 output overflows (> 65504) and a tanh that hides it."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(1, 1, 3, padding=1, bias=False)
+        nn.init.constant_(self.c.weight, 1e4)
+
+    def forward(self, x):
+        return torch.tanh(self.c(x))
+
+
+_ONES = torch.ones(8, *SHAPE)  # 9e4 > 65504 at every position of _Big's conv
+
+
+def _nan_batches():
+    x = torch.randn(4, *SHAPE)
+    x[2, 0, 3, 3] = float("nan")
+    return [x[:2], x[2:]]
+
+
+_WRONG = [("NaN in an iterable", lambda: erf.effective_rf(_conv(), SHAPE, inputs=_nan_batches(), **KW_IT),
+           ValueError, r"inputs \[2\] .* NaN or Inf"),
+          ("Inf in a DataLoader", lambda: erf.effective_rf(
+              _conv(), SHAPE, inputs=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
+                  torch.full((4, *SHAPE), float("inf"))), batch_size=2), **KW_IT), ValueError, "NaN or Inf"),
+          ("float16 overflow", lambda: erf.effective_rf(_Big(), SHAPE, dtype=torch.float16, inputs=_ONES, **KW),
+           ValueError, "overflowed"),
+          ("every sample skipped", lambda: erf.effective_rf(_Big(), SHAPE, dtype=torch.float16, nonfinite="skip",
+                                                            inputs=_ONES, **KW), ValueError, r"n = 0.*skipped"),
+          ("empty inputs", lambda: erf.effective_rf(_conv(), SHAPE, inputs=[], **KW_IT), ValueError,
+           r"n = 0.*empty"),
+          ("detached model", lambda: erf.effective_rf(_Detached(), SHAPE, **KW), RuntimeWarning, "all zeros"),
+          ("constant map", lambda: erf.effective_rf(lambda: nn.Sequential(nn.AdaptiveAvgPool2d(1)), SHAPE, **KW),
+           RuntimeWarning, "constant")]
+
+
+@pytest.mark.parametrize("name,run,exc,words", _WRONG, ids=[w[0] for w in _WRONG])
+def test_item3_no_wrong_number_without_a_word(name, run, exc, words):
+    if issubclass(exc, Warning):
+        with pytest.warns(exc, match=words):
+            run()
+    else:
+        with pytest.raises(exc, match=words):
+            run()
+
+
+def test_item3_float16_within_range_still_runs():
+    res = erf.effective_rf(_conv(), SHAPE, dtype=torch.float16, **KW)
+    ref = erf.effective_rf(_conv(), SHAPE, **KW)
+    assert res.n == 8 and np.allclose(res.map, ref.map, rtol=2e-2, atol=1e-3 * ref.map.max())
+
+
+class _InplaceFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.relu = nn.ReLU(inplace=True)
+        self.c = nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x):
+        return self.c(self.relu(x))
+
+
+def _double_model_map():
+    torch.manual_seed(0)
+    m = _conv().double()
+    with pytest.warns(UserWarning, match="float64"):
+        return erf.effective_rf(m, SHAPE, **KW).map
+
+
+_SMALL = [("input modified in place", lambda: erf.effective_rf(_InplaceFirst(), SHAPE, **KW).n == 8),
+          ("float64 model, default dtype", lambda: np.allclose(_double_model_map(), erf.effective_rf(
+              _conv(), SHAPE, **KW).map, rtol=1e-5)),
+          ("half model, default dtype", lambda: erf.effective_rf(_conv().half(), SHAPE, **KW).n == 8),
+          ("TorchScript module", lambda: _raises(TypeError, "TorchScript", erf.effective_rf,
+                                                 torch.jit.script(_conv()), SHAPE, **KW)),
+          ("device meta", lambda: _raises(ValueError, "device", erf.effective_rf, _conv(), SHAPE,
+                                          **dict(KW, device="meta"))),
+          ("until_stderr 10**400", lambda: _raises(ValueError, "until_stderr", erf.effective_rf, _conv(), SHAPE,
+                                                   until_stderr=10 ** 400, **KW))]
+
+
+def _raises(exc, words, fn, *a, **k):
+    with pytest.raises(exc, match=words):
+        fn(*a, **k)
+    return True
+
+
+@pytest.mark.parametrize("name,check", _SMALL, ids=[c[0] for c in _SMALL])
+def test_item8_smaller_ones(name, check):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        assert check()
+
+
+_SMALL_CLI = [("device meta", ["--device", "meta"], "--device"),
+              ("non-finite advice names no API-only option", ["--input-shape", "1x12x12"], "nonfinite='skip'"),
+              ("growth --acts ''", None, "--acts")]
+
+
+@pytest.mark.parametrize("name,extra,words", _SMALL_CLI, ids=[c[0] for c in _SMALL_CLI])
+def test_item8_cli_smaller_ones(name, extra, words, tmp_path, capsys, monkeypatch):
+    if extra is None:
+        code, _, err = _run(capsys, "growth", "--acts", "", "--out", tmp_path)
+    else:
+        if "nonfinite" in words:
+            def boom(*_a, **_k):
+                raise ValueError("non-finite gradients in draw 0, inputs 0..3 (samples [1]); pass "
+                                 "nonfinite='skip' to skip and count them, or use dtype=torch.float32 / smaller inputs")
+            monkeypatch.setattr(erf.engine, "effective_rf", boom)
+        code, _, err = _run(capsys, "map", "stack:2", "--no-progress", "--out", tmp_path, *extra)
+    assert code == 2 and "Traceback" not in err
+    if "nonfinite" in words:
+        assert "pass nonfinite" not in err and "dtype=" not in err and "erf.effective_rf" in err, err
+    else:
+        assert words in err, err
