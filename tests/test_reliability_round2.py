@@ -808,3 +808,14 @@ def test_item8_cli_smaller_ones(name, extra, words, tmp_path, capsys, monkeypatc
         assert "pass nonfinite" not in err and "dtype=" not in err and "erf.effective_rf" in err, err
     else:
         assert words in err, err
+
+
+def test_item1_factories_are_identified_by_what_they_do_not_where_they_are_written():
+    from erf._integrity import code_hash
+
+    f1 = lambda: nn.Conv2d(1, 1, 3)  # noqa: E731
+    f2 = \
+        lambda: nn.Conv2d(1, 1, 3)  # noqa: E731
+    f3 = lambda: nn.Conv2d(1, 1, 5)  # noqa: E731
+    m = f1()
+    assert code_hash(m, f1) == code_hash(m, f2) != code_hash(m, f3)
