@@ -114,9 +114,6 @@ def code_hash(model: nn.Module, *extra: Any) -> str:
     return h.hexdigest()
 
 
-_SIMPLE = (int, float, str, bytes, bool, type(None))
-
-
 def _code_identity(code) -> str:
     """Bytecode, constants (nested code objects recursively) and names of a code object."""
     consts = [(_code_identity(c) if inspect.iscode(c) else repr(c)) for c in code.co_consts]
@@ -124,19 +121,10 @@ def _code_identity(code) -> str:
 
 
 def _function_identity(fn) -> str:
-    """What a factory function does: its bytecode, constants, names, defaults and simple closure values.
-
-    (Not its source text: two identical ``lambda: make("max")`` written on different lines are the
-    same factory.)"""
-    defaults = [repr(d) if isinstance(d, _SIMPLE) else type(d).__name__ for d in (fn.__defaults__ or ())]
-    cells = []
-    for cell in fn.__closure__ or ():
-        try:
-            v = cell.cell_contents
-        except ValueError:  # an empty cell
-            v = None
-        cells.append(repr(v) if isinstance(v, _SIMPLE) else type(v).__name__)
-    return f"{fn.__module__}|{_code_identity(fn.__code__)}|{defaults}|{cells}"
+    """What a factory function does: its bytecode, constants and names (not its source text: two
+    identical ``lambda: make("max")`` written on different lines are the same factory). Values it
+    closes over are not included: what they change in the model shows in its structure and weights."""
+    return f"{fn.__module__}|{_code_identity(fn.__code__)}"
 
 
 def inputs_hash(source: Any) -> str:
