@@ -184,7 +184,7 @@ class Mapper:
             except RuntimeError as exc:
                 if "in-place operation" not in str(exc) or x is not x_leaf:
                     raise
-                self.clone_input = True  # once: from now on the model gets a copy to modify
+                object.__setattr__(self, "clone_input", True)  # once: from now on the model gets a copy
                 x = x_leaf.clone()
                 outs = self.forward(model, x, stop=True)
             values = [t.scalar(outs[t.layer]) for t in self.unit_targets]

@@ -26,6 +26,7 @@ import erf
 from erf import cli
 from erf.cli import main
 from erf.engine import RunInterrupted
+from _signals import default_signals
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg", PYTHONUNBUFFERED="1",
            PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(erf.__file__))))
@@ -398,7 +399,7 @@ def test_item7_sigterm_saves_the_checkpoint_and_exits_143(tmp_path):
     ckpt, out = tmp_path / "ck.npz", tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "erf", *_RUN, "--checkpoint", str(ckpt), "--checkpoint-every",
                              "1", "--out", str(out)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=default_signals)
     t0 = time.monotonic()
     while not ckpt.exists() and proc.poll() is None and time.monotonic() - t0 < 120:
         time.sleep(0.002)
@@ -438,7 +439,7 @@ def test_item7_messages_are_true_to_the_state_on_disk(name, exc, existing, statu
 
 def test_item7_ctrl_c_during_import_is_one_line(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "erf", *_RUN, "--out", str(tmp_path)], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
     time.sleep(1.0)  # python is up (its SIGINT handler set); torch is still being imported
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
