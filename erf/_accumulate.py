@@ -1,7 +1,7 @@
 """Stage 5 of a run, accumulate: running sums of the maps, their merge and their checkpoint state.
 
-Each target keeps a :class:`TargetSums` (float64 count, mean and M2 on the run's device, Chan's
-update: :mod:`erf._stats`); an :class:`Accumulator` holds one per target plus the count of skipped
+Each target keeps a :class:`TargetSums` (float64 count and mean per weight draw and the within-draw
+sum of squares on the run's device, Chan's update: :class:`erf._stats.ClusteredMoments`); an :class:`Accumulator` holds one per target plus the count of skipped
 non-finite samples, applies the ``nonfinite`` policy, merges with another accumulator (ranks of a
 distributed run) and converts to and from the checkpoint's arrays. :func:`save_checkpoint` and
 :func:`load_checkpoint` write and read the checkpoint file (format unchanged since the first release:
@@ -19,27 +19,29 @@ import torch
 
 from erf import _io
 from erf._integrity import check_checkpoint_arrays, check_position, differences
-from erf._stats import RunningMoments
+from erf._stats import ClusteredMoments, ClusterStats
 
 
 class TargetSums:
-    """Running sums of one target's maps (count, mean, M2 per map position).
+    """Running sums of one target's maps per weight draw (:class:`erf._stats.ClusteredMoments`: count
+    and mean per draw, within-draw sum of squares), from which the mean map, its M2 and the
+    clustered standard error (draws as clusters) follow exactly.
 
-    ``update`` receives the draws the maps come from (draw-major: ``len(draws)`` blocks of equal size),
-    so sums per draw can be kept here when statistics need them.
+    ``update`` receives the draws the maps come from (draw-major: ``len(draws)`` blocks of equal size).
     """
 
-    def __init__(self, moments: RunningMoments):
+    def __init__(self, moments: ClusteredMoments):
         self.moments = moments
 
     @classmethod
-    def zeros(cls, map_shape: tuple[int, ...], device: torch.device) -> "TargetSums":
-        return cls(RunningMoments.zeros(map_shape, device))
+    def zeros(cls, map_shape: tuple[int, ...], device: torch.device, first_draw: int = 0,
+              draws: int = 1) -> "TargetSums":
+        return cls(ClusteredMoments.zeros(map_shape, first_draw, draws, device))
 
     @property
     def shape(self) -> tuple[int, ...]:
         """Shape of the map."""
-        return tuple(self.moments.mean.shape)
+        return tuple(self.moments.w.shape)
 
     @property
     def n(self) -> float:
@@ -49,42 +51,52 @@ class TargetSums:
     def update(self, maps: torch.Tensor, draws: Sequence[int], weight: torch.Tensor | None = None,
                window: tuple[slice, ...] | None = None) -> None:
         """Add ``maps`` ``(B, *map)`` of ``draws``; ``weight`` masks samples out; ``window``: cropped maps."""
-        if weight is None:
-            self.moments.update(maps, window=window)
-        else:
-            self.moments.update(maps, weight=weight, window=window)
+        if len(draws) == 1:
+            self.moments.update(maps, draws[0], weight=weight, window=window)
+            return
+        per = maps.shape[0] // len(draws)
+        for k, d in enumerate(draws):
+            w = None if weight is None else weight[k * per:(k + 1) * per]
+            self.moments.update(maps[k * per:(k + 1) * per], d, weight=w, window=window)
 
     def merge(self, other: "TargetSums") -> "TargetSums":
-        """A new sum over both (``self`` first; Chan's formula)."""
+        """A new sum over both (slots of the same draw combine by Chan's formula)."""
         return TargetSums(self.moments.merge(other.moments))
 
     def flat(self) -> torch.Tensor:
         """The sums as one float64 vector (for collectives); :meth:`from_flat` reverses it."""
-        m = self.moments
-        return torch.cat([m.n.reshape(1), m.mean.reshape(-1), m.m2.reshape(-1)])
+        return self.moments.flat()
 
     def from_flat(self, flat: torch.Tensor) -> tuple["TargetSums", int]:
         """Sums shaped like ``self`` read from the front of ``flat``; and how many values were used."""
-        k = self.moments.mean.numel()
-        shape = self.moments.mean.shape
-        return (TargetSums(RunningMoments(flat[0].clone(), flat[1:1 + k].reshape(shape).clone(),
-                                          flat[1 + k:1 + 2 * k].reshape(shape).clone())), 1 + 2 * k)
+        k = self.moments.numel_flat()
+        return TargetSums(self.moments.from_flat(flat[:k])), k
 
     def state_dict(self, i: int) -> dict[str, np.ndarray]:
-        """Checkpoint arrays of target ``i``: ``n{i}``, ``mean{i}``, ``m2_{i}``."""
-        _, mean, m2 = self.moments.to_numpy()
-        return {f"n{i}": np.array(self.moments.n.item()), f"mean{i}": mean, f"m2_{i}": m2}
+        """Checkpoint arrays of target ``i``: ``n{i}``, ``mean{i}``, ``m2_{i}`` and the per-draw sums."""
+        n, mean, m2 = self.moments.to_numpy()
+        out = {f"n{i}": np.array(float(n)), f"mean{i}": mean, f"m2_{i}": m2}
+        out.update(self.moments.state(f"draws{i}_"))
+        return out
 
     def load_state_dict(self, arrays: Any, i: int) -> None:
-        """Restore target ``i`` from checkpoint arrays (an open ``np.load``)."""
-        device = self.moments.mean.device
-        self.moments.n = torch.tensor(float(arrays[f"n{i}"]), dtype=torch.float64, device=device)
-        self.moments.mean = torch.as_tensor(arrays[f"mean{i}"], dtype=torch.float64, device=device).clone()
-        self.moments.m2 = torch.as_tensor(arrays[f"m2_{i}"], dtype=torch.float64, device=device).clone()
+        """Restore target ``i`` from checkpoint arrays (an open ``np.load``).
+
+        Raises:
+            ValueError: a checkpoint without per-draw sums (written before they existed).
+        """
+        if f"draws{i}_n_draw" not in arrays:
+            raise ValueError("it was written by an older erf without per-draw sums (needed for the clustered "
+                             "standard error); delete it and run again")
+        self.moments.load_state(arrays, f"draws{i}_")
 
     def result(self) -> tuple[int, np.ndarray, np.ndarray]:
         """``(n, mean, M2)`` on the host."""
         return self.moments.to_numpy()
+
+    def clusters(self) -> ClusterStats:
+        """The per-draw statistics on the host."""
+        return self.moments.to_host()
 
 
 class Accumulator:
@@ -96,8 +108,8 @@ class Accumulator:
     """
 
     def __init__(self, targets: int, map_shape: tuple[int, ...], device: torch.device, nonfinite: str = "raise",
-                 window: tuple[slice, ...] | None = None):
-        self.sums = [TargetSums.zeros(tuple(map_shape), device) for _ in range(targets)]
+                 window: tuple[slice, ...] | None = None, first_draw: int = 0, draws: int = 1):
+        self.sums = [TargetSums.zeros(tuple(map_shape), device, first_draw, draws) for _ in range(targets)]
         self.skipped = torch.zeros((), dtype=torch.float64, device=device)
         self.nonfinite = nonfinite
         self.window = window
@@ -156,15 +168,16 @@ class Accumulator:
             i += used
         return self.like(sums, flat[0])
 
-    def centre_rel_stderr(self, reduce: str) -> float:
-        """Relative standard error of the first target's mean over its centre region (map >= half max)."""
+    def centre_rel_stderr(self, reduce: str, min_draws: int = 1) -> float:
+        """Relative clustered standard error of the first target's mean over its centre region (map >=
+        half its max); inf until ``min_draws`` draws have maps (an error from fewer draws than the run
+        asks for would be the input-level one, too small when draws differ)."""
         st = self.sums[0].moments
-        n = st.n.item()
-        if n < 2:
+        if int((st.n_draw > 0).sum().item()) < min_draws or st.n.item() < 2:
             return math.inf
-        mean = st.mean.abs() if reduce == "mean" else st.mean
+        mean, se = st.mean_and_stderr()
+        mean = mean.abs() if reduce == "mean" else mean
         region = mean >= 0.5 * mean.max()
-        se = torch.sqrt(torch.clamp(st.m2, min=0) / (n - 1) / n)
         denom = mean[region].mean().item()
         return math.inf if denom <= 0 else se[region].mean().item() / denom
 
@@ -184,6 +197,10 @@ class Accumulator:
     def results(self) -> list[tuple[int, np.ndarray, np.ndarray]]:
         """``(n, mean, M2)`` per target on the host."""
         return [st.result() for st in self.sums]
+
+    def clusters(self) -> list[ClusterStats]:
+        """Per-draw statistics per target on the host."""
+        return [st.clusters() for st in self.sums]
 
 
 class Fingerprint(NamedTuple):
@@ -238,9 +255,13 @@ def load_checkpoint(path: str, acc: Accumulator, fingerprint: Fingerprint, start
             for i, st in enumerate(acc.sums):
                 mean, m2 = z[f"mean{i}"], z[f"m2_{i}"]
                 count = check_checkpoint_arrays(z[f"n{i}"][()], mean, m2, st.shape, where)
-                loaded.append({f"n{i}": count, f"mean{i}": mean, f"m2_{i}": m2})
+                arrays = {f"n{i}": count, f"mean{i}": mean, f"m2_{i}": m2}
+                arrays.update({k: z[k] for k in z.files if k.startswith(f"draws{i}_")})  # per-draw sums
+                loaded.append(arrays)
             for i, (st, arrays) in enumerate(zip(acc.sums, loaded)):
                 st.load_state_dict(arrays, i)
+                if abs(st.n - float(arrays[f"n{i}"])) > 0.5:
+                    raise ValueError("its per-draw sums do not match its count")
     except _Mismatch as exc:
         raise ValueError(str(exc)) from None
     except (KeyboardInterrupt, MemoryError):

@@ -226,7 +226,8 @@ def run_local(worker: Worker, opts: Any, fingerprint: Fingerprint, stacked: bool
                 if until is not None and opts.draws == 1 and acc.centre_rel_stderr(opts.reduce) < until:
                     break
             position = (draw + 1, 0)
-            if until is not None and opts.draws > 1 and acc.centre_rel_stderr(opts.reduce) < until:
+            # clustered error: draws are the units, so at least 3 of them (2 degrees of freedom) first
+            if until is not None and opts.draws > 1 and acc.centre_rel_stderr(opts.reduce, min_draws=3) < until:
                 break
     except KeyboardInterrupt:
         if opts.checkpoint is not None:

@@ -102,7 +102,8 @@ def effective_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequen
             ``config["protocol"]``.
         nonfinite: ``"raise"`` (default) or ``"skip"`` (skip and count samples with NaN/Inf maps).
         checkpoint, checkpoint_every, resume: save the running sums atomically every N batches; resume.
-        until_stderr: stop early once the relative standard error of the centre region is below this.
+        until_stderr: stop early once the relative (clustered) standard error of the centre region is
+            below this; with several draws checked after each draw, once 3 draws are done.
         crop: run the network on the smallest input crop that holds the unit's TRF (when the TRF
             analyser calls it safe and a probe confirms it); the map is unchanged.
         fold_bn: fold each eval-mode BatchNorm into the convolution before it (``erf._fold``; the
@@ -132,7 +133,8 @@ def effective_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequen
                         protocol=protocol, preprocess=getattr(st.source, "options", None))
     key = Fingerprint(fingerprint(config), fingerprinted(config))
     acc = Accumulator(len(st.targets), opts.input_shape[1:], st.device, opts.nonfinite,
-                      window=None if plan.crop is None else plan.crop.window)
+                      window=None if plan.crop is None else plan.crop.window, first_draw=opts.first_draw,
+                      draws=opts.draws)
     worker = Worker(mapper=plan.apply(st.mapper), source=st.source, maker=st.maker, model0=st.model0,
                     first_draw=opts.first_draw, accumulator=acc, batch=BatchSize(plan.batch_size),
                     train_mode=opts.train_mode, seed=opts.seed)
@@ -157,19 +159,20 @@ def effective_rf(model: nn.Module | Callable[[], nn.Module], input_shape: Sequen
     meta["provenance"]["weights"] = weights_meta(st.model0, describe_init(opts.init), opts.draws, st.maker.is_factory)
     if meta["skipped"]:
         warnings.warn(f"{int(meta['skipped'])} samples with non-finite gradients were skipped", stacklevel=2)
-    outcome = acc.results()
+    per_draw = acc.clusters()  # per-draw sums on the host: the clustered stderr
+    outcome = [c.moments() for c in per_draw]
     for t, (n, mean, _m2) in zip(st.targets, outcome):  # n = 0 refused; all-zero / constant maps warned
         check_run_outcome(n, mean, t.layer or "the output", meta["skipped"])
     analysis_model = st.model0.float() if opts.dtype == torch.float64 else st.model0
     results = {}
-    for t, (n, mean, m2) in zip(st.targets, outcome):
+    for t, clusters, (n, mean, m2) in zip(st.targets, per_draw, outcome):
         cfg = dict(config, layer=t.layer, unit=list(t.unit))
         t_meta = dict(meta, **t.describe(st.chosen, st.maker.notes + st.degenerate.get(t.layer, [])))
         for msg in t_meta.get("warnings", []):
             warnings.warn(msg, stacklevel=2)
         results[t.layer] = ERFResult(n, mean, m2, unit=t.unit, layer=t.layer, input_shape=opts.input_shape,
                                      config=cfg, meta=t_meta, model=analysis_model.cpu(),
-                                     trf=plan.trf_reports.get(t.layer))
+                                     trf=plan.trf_reports.get(t.layer), clusters=clusters)
     if opts.multi:
         return {(arg if isinstance(arg, str) else path): results[path]
                 for arg, path in zip(opts.layers, st.paths)}

@@ -17,7 +17,7 @@ from torch import nn
 from erf import _io
 from erf._degenerate import clip_trf
 from erf._integrity import check_result_arrays, differences
-from erf._stats import merge_numpy, stderr_of
+from erf._stats import ClusterStats, merge_numpy, stderr_of
 
 FORMAT_VERSION = 1
 
@@ -32,18 +32,33 @@ class ERFResult:
 
     Attributes:
         map: ndarray on the input grid (float64), the mean reduced gradient.
-        stderr: standard error of that mean per position.
+        stderr: standard error of that mean per position, weight draws as clusters (inputs nested in
+            draws): with D >= 2 draws sqrt(D / (D - 1) sum_d (n_d / N)^2 (xbar_d - m)^2), with one
+            draw the input-level sqrt(M2 / (N - 1) / N). stderr_df: its degrees of freedom (D - 1,
+            or N - 1). stderr_kind: ``"clustered"``, ``"inputs"``, or why the input level was used.
+        clusters: the per-draw statistics (:class:`erf._stats.ClusterStats`), None for results
+            saved before they existed. variance_components: within/between-draw variances.
         n: number of maps averaged (inputs x draws, non-finite ones skipped).
         unit, layer, input_shape, config: what was measured and how (``config`` is JSON-able).
     """
 
     def __init__(self, n: int, mean: np.ndarray, m2: np.ndarray, *, unit: tuple[int, ...], layer: str,
                  input_shape: tuple[int, ...], config: dict, meta: dict | None = None,
-                 model: nn.Module | None = None, trf: Any = None):
+                 model: nn.Module | None = None, trf: Any = None, clusters: ClusterStats | None = None):
         self.n = int(n)
         self.map = mean
         self.m2 = m2
-        self.stderr = stderr_of(self.n, m2)
+        self.clusters = clusters
+        if clusters is not None:
+            self.stderr = clusters.stderr
+            self.stderr_df = clusters.df
+            self.stderr_kind = "clustered" if clusters.draws >= 2 else "inputs"
+        else:
+            self.stderr = stderr_of(self.n, m2)
+            self.stderr_df = max(self.n - 1, 0)
+            self.stderr_kind = "inputs"
+            if int(config.get("draws", 1)) > 1:
+                self.stderr_kind = "inputs (no per-draw statistics: maps treated as independent, too small)"
         self.unit = tuple(unit)
         self.layer = layer
         self.input_shape = tuple(input_shape)
@@ -58,6 +73,22 @@ class ERFResult:
     def __repr__(self) -> str:
         return (f"ERFResult(layer={self.layer!r}, unit={self.unit}, input_shape={self.input_shape}, "
                 f"n={self.n}, reduce={self.config.get('reduce')!r})")
+
+    # -- uncertainty
+    @property
+    def variance_components(self) -> dict[str, Any] | None:
+        """Per-position variance of single maps split into ``within`` (between inputs of one draw)
+        and ``between`` (between weight draws; None with one draw), one-way random-effects ANOVA
+        (:meth:`erf._stats.ClusterStats.variance_components`); None without per-draw statistics."""
+        return None if self.clusters is None else self.clusters.variance_components()
+
+    def shape_stderr(self, window: tuple[slice, ...] | None = None) -> np.ndarray:
+        """Clustered standard error of ``map / sum |map|`` (over ``window``), the total's uncertainty
+        included (delta method over draws); ``stderr / total`` without per-draw statistics."""
+        if self.clusters is not None:
+            return self.clusters.normalized_stderr(window)
+        win = window if window is not None else (slice(None),) * self.map.ndim
+        return self.stderr[win] / float(np.abs(self.map[win]).sum())
 
     # -- lazy analyses
     @property
@@ -150,6 +181,8 @@ class ERFResult:
             meta["trf_reason"] = self.trf_reason
         arrays = {"map": self.map, "stderr": self.stderr, "m2": self.m2,
                   "meta": np.array(json.dumps(meta))}
+        if self.clusters is not None:  # per-draw statistics: the clustered stderr survives save/load/merge
+            arrays.update(self.clusters.arrays())
         _io.atomic_savez(path, arrays)
         return path
 
@@ -169,7 +202,12 @@ class ERFResult:
             for lo2, hi2 in rb:
                 if lo < hi2 and lo2 < hi:
                     raise ValueError(f"other: draw ranges overlap ({ra} and {rb}); merge needs disjoint draws")
-        n, mean, m2 = merge_numpy((self.n, self.map, self.m2), (other.n, other.map, other.m2))
+        clusters = None
+        if self.clusters is not None and other.clusters is not None:
+            clusters = self.clusters.merge(other.clusters)
+            n, mean, m2 = clusters.moments()
+        else:
+            n, mean, m2 = merge_numpy((self.n, self.map, self.m2), (other.n, other.map, other.m2))
         ranges = sorted([list(r) for r in ra + rb])
         joined: list[list[int]] = []
         for lo, hi in ranges:
@@ -182,7 +220,7 @@ class ERFResult:
         config["first_draw"] = joined[0][0]
         config["draws"] = sum(hi - lo for lo, hi in joined)
         return ERFResult(n, mean, m2, unit=self.unit, layer=self.layer, input_shape=self.input_shape,
-                         config=config, meta=self.meta, model=self._model, trf=self._trf)
+                         config=config, meta=self.meta, model=self._model, trf=self._trf, clusters=clusters)
 
 
 def load(path: str | os.PathLike) -> ERFResult:
@@ -196,6 +234,7 @@ def load(path: str | os.PathLike) -> ERFResult:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
             arrays = {k: z[k] for k in ("map", "m2")}
+            clusters = ClusterStats.from_arrays(z)
         if not isinstance(meta, dict):
             raise ValueError("its metadata is not a JSON object")
     except (KeyboardInterrupt, MemoryError):
@@ -215,5 +254,12 @@ def load(path: str | os.PathLike) -> ERFResult:
             trf = RFReport.from_dict(meta["trf"])
         except Exception:  # an older or partial report: keep the map usable
             trf = None
+    if clusters is not None and (clusters.n != int(meta["n"]) or clusters.within_ss.shape != arrays["map"].shape):
+        raise ValueError(f"path: {path!r} holds per-draw statistics that do not match its map")
+    if clusters is None and int(meta["config"].get("draws", 1)) > 1:
+        warnings.warn(f"{path!r} was saved without per-draw statistics (an older erf): its stderr treats the "
+                      f"maps of its {meta['config']['draws']} weight draws as independent and is too small "
+                      "(result.stderr_kind says so)", stacklevel=2)
     return ERFResult(meta["n"], arrays["map"], arrays["m2"], unit=tuple(meta["unit"]), layer=meta["layer"],
-                     input_shape=tuple(meta["input_shape"]), config=meta["config"], meta=meta, trf=trf)
+                     input_shape=tuple(meta["input_shape"]), config=meta["config"], meta=meta, trf=trf,
+                     clusters=clusters)

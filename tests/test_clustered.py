@@ -216,3 +216,72 @@ def test_map_test_detects_a_wider_field_and_reports_why_it_cannot_run():
     assert math.isnan(map_test(one, _field(rng, 4, 16)).p_value)
     assert "2 weight draws" in map_test(one, _field(rng, 4, 16)).note
     assert "older version" in map_test(None, one).note
+
+
+# ------------------------------------------------------------------ through the engine
+def _engine_run(**kw):
+    import erf
+    from erf.nets import conv_stack
+
+    base = dict(n_inputs=6, draws=4, init="normal", batch_size=4, dtype=torch.float64, progress=False,
+                device="cpu", seed=3)
+    base.update(kw)
+    return erf.effective_rf(lambda: conv_stack(3, width=2, act="tanh", in_channels=1), (1, 12, 12), **base)
+
+
+def test_engine_stderr_is_the_textbook_cluster_robust_value():
+    r = _engine_run()
+    per = [_engine_run(draws=1, first_draw=d) for d in range(4)]  # the draws one by one
+    means = np.stack([p.map for p in per])
+    n_d = np.array([p.n for p in per], dtype=float)
+    N, G = n_d.sum(), len(per)
+    m = np.tensordot(n_d / N, means, axes=1)
+    ref = np.sqrt(G / (G - 1) * np.tensordot((n_d / N) ** 2, (means - m) ** 2, axes=1))
+    scale = np.abs(ref).max()
+    assert r.stderr_kind == "clustered" and r.stderr_df == 3 and r.n == 24
+    np.testing.assert_allclose(r.map, m, rtol=1e-12, atol=1e-15 * np.abs(m).max())
+    np.testing.assert_allclose(r.stderr, ref, rtol=1e-10, atol=1e-12 * scale)
+    # variance components from the one-draw runs' own sums of squares
+    msw = sum(p.m2 for p in per) / (N - G)
+    msb = np.tensordot(n_d, (means - m) ** 2, axes=1) / (G - 1)
+    vc = r.variance_components
+    np.testing.assert_allclose(vc["within"], msw, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(vc["between"], np.maximum((msb - msw) / 6, 0), rtol=1e-9, atol=1e-14)
+    # one draw: the input-level error, as before
+    one = per[0]
+    assert one.stderr_kind == "inputs" and one.stderr_df == 5 and one.variance_components["between"] is None
+    np.testing.assert_allclose(one.stderr, np.sqrt(one.m2 / 5 / 6), rtol=1e-12)
+    # stacked draws (torch.func.vmap) update the same per-draw sums
+    stacked = _engine_run(vmap_draws=True)
+    np.testing.assert_allclose(stacked.stderr, r.stderr, rtol=1e-9, atol=1e-12 * scale)
+
+
+def test_merge_save_and_load_keep_the_clustered_stderr(tmp_path):
+    import erf
+
+    r = _engine_run()
+    a, b = _engine_run(draws=1), _engine_run(draws=3, first_draw=1)
+    merged = b.merge(a)
+    scale = np.abs(r.stderr).max()
+    np.testing.assert_allclose(merged.stderr, r.stderr, rtol=1e-10, atol=1e-12 * scale)
+    np.testing.assert_array_equal(merged.clusters.draw_index, [0, 1, 2, 3])
+    assert merged.stderr_df == 3
+    back = erf.load(merged.save(tmp_path / "m.npz"))
+    np.testing.assert_array_equal(back.stderr, merged.stderr)
+    assert back.stderr_kind == "clustered"
+    np.testing.assert_array_equal(back.shape_stderr(), merged.shape_stderr())
+
+
+def test_older_result_files_fall_back_to_the_input_level_error_and_say_so(tmp_path):
+    import erf
+
+    r = _engine_run()
+    path = r.save(tmp_path / "new.npz")
+    with np.load(path) as z:
+        old = {k: z[k] for k in z.files if k not in ("draw_index", "draw_n", "draw_mean", "within_ss")}
+    np.savez(tmp_path / "old.npz", **old)
+    with pytest.warns(UserWarning, match="without per-draw statistics"):
+        back = erf.load(tmp_path / "old.npz")
+    assert back.clusters is None and "no per-draw statistics" in back.stderr_kind
+    np.testing.assert_allclose(back.stderr, np.sqrt(r.m2 / (r.n - 1) / r.n), rtol=1e-12)
+    assert back.variance_components is None and math.isnan(erf.diff(back, r).p_value)

@@ -64,7 +64,8 @@ def job(name: str, out: Path) -> tuple[nn.Module, tuple[int, ...], dict]:
     kw = dict(progress=False, device="cpu")
     if name == "stack":  # random weights, several draws
         return (erf.nets.conv_stack(3, width=2, act="relu"), (2, 16, 16),
-                dict(kw, init="normal", draws=3, n_inputs=40, batch_size=16, checkpoint=str(out / "stack_ckpt.npz")))
+                dict(kw, init="normal", draws=3, n_inputs=40, batch_size=16, checkpoint=str(out / "stack_ckpt.npz"),
+                     dtype=torch.float64))  # float64: the clustered stderr is compared to 1e-10
     if name == "pool":  # a stochastic module sampling from the keyed streams
         return (erf.nets.pooling_net("stochastic", width=4), (3, 32, 32),
                 dict(kw, train_mode=True, draws=2, n_inputs=40, batch_size=32))
@@ -97,7 +98,7 @@ def worker(out: Path, names: list[str]) -> None:
         t0 = time.perf_counter()
         try:
             r = erf.effective_rf(model, shape, distributed=True, **kw)
-            np.savez(out / f"{name}.rank{rank}.npz", map=r.map, m2=r.m2, n=r.n)
+            np.savez(out / f"{name}.rank{rank}.npz", map=r.map, m2=r.m2, n=r.n, stderr=r.stderr)
             info["world_size"] = r.meta.get("world_size")
             info["main"] = edist.is_main_process()
             info["crop"] = r.meta.get("crop")
@@ -140,6 +141,9 @@ def assert_same(result: dict | erf.ERFResult, ref: erf.ERFResult) -> None:
     scale = np.abs(ref.map).max()
     assert np.abs(get("map") - ref.map).max() <= 1e-6 * scale
     assert np.abs(get("m2") - ref.m2).max() <= 1e-6 * np.abs(ref.m2).max()
+    if isinstance(result, dict) and "stderr" in result:  # the clustered error: ranks held parts of draws
+        tol = 1e-10 if ref.config["dtype"] == "float64" else 1e-6
+        assert np.abs(result["stderr"] - ref.stderr).max() <= tol * np.abs(ref.stderr).max()
 
 
 def _load(out: Path, name: str, rank: int) -> tuple[dict, dict | None]:
