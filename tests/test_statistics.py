@@ -57,6 +57,20 @@ def test_running_moments_unequal_batches_weights_and_windows():
     np.testing.assert_allclose(stderr_of(n, m2), np.sqrt(m2_ref / (n_ref - 1) / n_ref), rtol=1e-11)
 
 
+def test_a_weighted_batch_with_one_kept_sample():
+    """Weights that keep a single sample of a batch: its map is the batch mean, M2 = 0."""
+    x = _samples(3, seed=9)
+    acc = RunningMoments.zeros((3, 4))
+    acc.update(torch.from_numpy(x), weight=torch.tensor([0.0, 1.0, 0.0]))
+    n, mean, m2 = acc.to_numpy()
+    assert n == 1
+    np.testing.assert_allclose(mean, x[1], rtol=1e-14)
+    np.testing.assert_allclose(m2, 0.0, atol=1e-14)
+    cm = ClusteredMoments.zeros((3, 4), first_draw=0, draws=1)
+    cm.update(torch.from_numpy(x), draw=0, weight=torch.tensor([0.0, 0.0, 1.0]))
+    np.testing.assert_allclose(cm.mean_and_stderr()[0].numpy(), x[2], rtol=1e-14)
+
+
 @pytest.mark.parametrize("split", [1, 2, 5, 17])
 def test_chan_merge_with_unequal_counts_equals_two_pass(split):
     x = _samples(19, seed=split)
