@@ -122,9 +122,9 @@ def check_model(model: Any) -> None:
     if not isinstance(model, torch.nn.Module) and not callable(model):
         raise TypeError(f"model must be an nn.Module or a zero-argument factory returning one, "
                         f"got {type(model).__name__}")
-    if isinstance(model, (torch.jit.ScriptModule, torch.jit.ScriptFunction)):
-        raise TypeError("model is a TorchScript module: the engine needs forward hooks and deep copies of an "
-                        "eager nn.Module; pass the Python model (before torch.jit.script/trace)")
+    if isinstance(model, torch.jit.ScriptFunction):
+        raise TypeError("model is a TorchScript function, not a module: pass an nn.Module (TorchScript modules "
+                        "are analysed at their output with their weights as given)")
 
 
 def make_options(input_shape, *, layer, select, grid, layout=None, unit, channel, unit_relu, n_inputs, draws, first_draw,

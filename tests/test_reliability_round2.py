@@ -765,8 +765,10 @@ _SMALL = [("input modified in place", lambda: erf.effective_rf(_InplaceFirst(), 
           ("float64 model, default dtype", lambda: np.allclose(_double_model_map(), erf.effective_rf(
               _conv(), SHAPE, **KW).map, rtol=1e-5)),
           ("half model, default dtype", lambda: erf.effective_rf(_conv().half(), SHAPE, **KW).n == 8),
-          ("TorchScript module", lambda: _raises(TypeError, "TorchScript", erf.effective_rf,
-                                                 torch.jit.script(_conv()), SHAPE, **KW)),
+          ("TorchScript module: analysed at its output", lambda: erf.effective_rf(
+              torch.jit.script(_conv()), SHAPE, **KW).n == 8),
+          ("TorchScript module at a layer", lambda: _raises(ValueError, "TorchScript", erf.effective_rf,
+                                                            torch.jit.script(_conv()), SHAPE, layer="0", **KW)),
           ("device meta", lambda: _raises(ValueError, "device", erf.effective_rf, _conv(), SHAPE,
                                           **dict(KW, device="meta"))),
           ("until_stderr 10**400", lambda: _raises(ValueError, "until_stderr", erf.effective_rf, _conv(), SHAPE,
