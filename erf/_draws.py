@@ -35,7 +35,7 @@ def _is_pooling(module: nn.Module) -> bool:
     return type(module).__module__.startswith("erf.pooling")
 
 
-def _inside_pooling(model: nn.Module) -> set[int]:
+def inside_pooling(model: nn.Module) -> set[int]:
     """ids of modules that live inside an erf.pooling module (e.g. LIP's logit conv)."""
     inside: set[int] = set()
     for m in model.modules():
@@ -46,7 +46,7 @@ def _inside_pooling(model: nn.Module) -> set[int]:
 
 def set_uniform_weights(model: nn.Module, value: float = 1.0) -> None:
     """Conv/linear weights ``value``, biases 0 (outside erf.pooling modules)."""
-    skip = _inside_pooling(model)
+    skip = inside_pooling(model)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, _WEIGHTED) and id(m) not in skip:
@@ -57,7 +57,7 @@ def set_uniform_weights(model: nn.Module, value: float = 1.0) -> None:
 
 def set_normal_weights(model: nn.Module, gen: torch.Generator) -> None:
     """Conv/linear weights N(0, 1/fan_in), biases 0 (outside erf.pooling modules)."""
-    skip = _inside_pooling(model)
+    skip = inside_pooling(model)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, _WEIGHTED) and id(m) not in skip:
@@ -76,7 +76,7 @@ def set_kaiming_all(model: nn.Module, gen: torch.Generator) -> None:
     """
     from erf._degenerate import scale_params
 
-    skip = _inside_pooling(model)
+    skip = inside_pooling(model)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, _WEIGHTED) and id(m) not in skip and \

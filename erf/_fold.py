@@ -26,7 +26,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from erf._draws import _inside_pooling
+from erf._draws import inside_pooling
 
 log = logging.getLogger("erf")
 
@@ -99,7 +99,7 @@ def plan_folding(model: nn.Module, keep: Iterable[str]) -> list[tuple[str, str]]
         log.debug("BatchNorm folding: fx trace failed (%s); using nn.Sequential neighbours", exc)
         candidates = _pairs_from_sequentials(model)
     keep = {p for p in keep if p}
-    skip = _inside_pooling(model)  # an erf.pooling module's insides are its own
+    skip = inside_pooling(model)  # an erf.pooling module's insides are its own
     out = []
     for conv_path, bn_path in candidates:
         # A read layer whose output may be the convolution's own (the layer ends with it).

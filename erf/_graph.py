@@ -218,7 +218,8 @@ def is_axis(lab) -> bool:
     return isinstance(lab, int) and not isinstance(lab, bool)
 
 
-def _tup(v, n: int) -> tuple:
+def as_tuple(v, n: int) -> tuple:
+    """``v`` (a scalar or a sequence) as an ``n``-tuple."""
     if isinstance(v, (list, tuple)):
         v = tuple(v)
         return v if len(v) == n else (v[0],) * n
@@ -307,7 +308,7 @@ def conv_padding(m_padding, kernel, dilation, nd: int) -> tuple:
         return tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation))
     if m_padding == "valid":
         return (0,) * nd
-    return _tup(m_padding, nd)
+    return as_tuple(m_padding, nd)
 
 
 def interp_span(n_in: int, n_out: int, mode: str, align_corners, scale) -> Span:
@@ -389,10 +390,10 @@ def module_op(m: nn.Module, name: str, in_labels, in_shape, out_shape) -> Op | N
         return op
     if isinstance(m, (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._LPPoolNd)):
         nd = int(type(m).__name__[-2])
-        k = _tup(m.kernel_size, nd)
-        s = _tup(m.stride if m.stride is not None else m.kernel_size, nd)
-        p = _tup(getattr(m, "padding", 0), nd)
-        d = _tup(getattr(m, "dilation", 1), nd)
+        k = as_tuple(m.kernel_size, nd)
+        s = as_tuple(m.stride if m.stride is not None else m.kernel_size, nd)
+        p = as_tuple(getattr(m, "padding", 0), nd)
+        d = as_tuple(getattr(m, "dilation", 1), nd)
         op.rules = [_rules_on_last(in_labels, in_shape, nd, [Win(k[t], s[t], p[t], d[t]) for t in range(nd)])]
         return op
     if isinstance(m, (nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)):
@@ -403,14 +404,14 @@ def module_op(m: nn.Module, name: str, in_labels, in_shape, out_shape) -> Op | N
         return op
     if isinstance(m, (nn.FractionalMaxPool2d, nn.FractionalMaxPool3d)):
         nd = 2 if isinstance(m, nn.FractionalMaxPool2d) else 3
-        k = _tup(m.kernel_size, nd)
+        k = as_tuple(m.kernel_size, nd)
         per = [fractional_span(in_shape[nd_in - nd + t], out_shape[len(out_shape) - nd + t], k[t]) for t in range(nd)]
         op.rules = [_rules_on_last(in_labels, in_shape, nd, per)]
         op.note = "random windows: hull over all samples"
         return op
     if isinstance(m, nn.Upsample):
         nd = nd_in - 2
-        sf = _tup(m.scale_factor, nd) if m.scale_factor is not None else (None,) * nd
+        sf = as_tuple(m.scale_factor, nd) if m.scale_factor is not None else (None,) * nd
         per = [interp_span(in_shape[2 + t], out_shape[2 + t], m.mode, m.align_corners,
                            None if sf[t] is None or m.recompute_scale_factor else float(sf[t]))
                for t in range(nd)]
@@ -786,11 +787,11 @@ def _function_op(node: fx.Node, shape, ins: list[fx.Node], ops: list[Op], index)
         ws = weight_shape(1, "weight")
         k = ws[2:] if ws else (1,) * nd
         if name.startswith("conv_transpose"):
-            s, p = _tup(_arg(node, 3, "stride", 1), nd), _tup(_arg(node, 4, "padding", 0), nd)
-            d = _tup(_arg(node, 7, "dilation", 1), nd)
+            s, p = as_tuple(_arg(node, 3, "stride", 1), nd), as_tuple(_arg(node, 4, "padding", 0), nd)
+            d = as_tuple(_arg(node, 7, "dilation", 1), nd)
             per = [TConv(k[t], s[t], p[t], d[t]) for t in range(nd)]
         else:
-            s, d = _tup(_arg(node, 3, "stride", 1), nd), _tup(_arg(node, 5, "dilation", 1), nd)
+            s, d = as_tuple(_arg(node, 3, "stride", 1), nd), as_tuple(_arg(node, 5, "dilation", 1), nd)
             p = conv_padding(_arg(node, 4, "padding", 0), k, d, nd)
             per = [Win(k[t], s[t], p[t], d[t]) for t in range(nd)]
         op.rules = [_rules_on_last(x.labels, x.shape, nd, per, mix_dim=-nd - 1)]
@@ -799,11 +800,11 @@ def _function_op(node: fx.Node, shape, ins: list[fx.Node], ops: list[Op], index)
         op.inputs = op.inputs[:1]
         nd = int(name[-2])
         base = 1 if not name.startswith("lp_pool") else 2
-        k = _tup(_arg(node, base, "kernel_size"), nd)
+        k = as_tuple(_arg(node, base, "kernel_size"), nd)
         s = _arg(node, base + 1, "stride", None)
-        s = _tup(s if s not in (None, [], ()) else k, nd)
-        p = _tup(_arg(node, 3, "padding", 0), nd) if base == 1 else (0,) * nd
-        d = _tup(_arg(node, 4, "dilation", 1), nd) if name.startswith("max_pool") else (1,) * nd
+        s = as_tuple(s if s not in (None, [], ()) else k, nd)
+        p = as_tuple(_arg(node, 3, "padding", 0), nd) if base == 1 else (0,) * nd
+        d = as_tuple(_arg(node, 4, "dilation", 1), nd) if name.startswith("max_pool") else (1,) * nd
         op.rules = [_rules_on_last(x.labels, x.shape, nd, [Win(k[t], s[t], p[t], d[t]) for t in range(nd)])]
         return op
     if name.startswith(("adaptive_avg_pool", "adaptive_max_pool")):
@@ -821,7 +822,7 @@ def _function_op(node: fx.Node, shape, ins: list[fx.Node], ops: list[Op], index)
         ac = _arg(node, 4, "align_corners", None) if name != "upsample_bilinear" else True
         sf = _arg(node, 2, "scale_factor", None)
         rsf = _arg(node, 5, "recompute_scale_factor", None)
-        sf = _tup(sf, nd) if sf is not None and not rsf else (None,) * nd
+        sf = as_tuple(sf, nd) if sf is not None and not rsf else (None,) * nd
         per = [interp_span(x.shape[2 + t], shape[2 + t], mode, ac, None if sf[t] is None else float(sf[t]))
                for t in range(nd)]
         op.rules = [_rules_on_last(x.labels, x.shape, nd, per)]

@@ -450,10 +450,10 @@ def _essentials_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _map_title(spec, result) -> str:
-    from erf.plot import _title
+    from erf.plot import result_title
 
     cfg = result.config
-    return (f"{spec.spec}: {_title(result)}\ninit={cfg.get('init')}, reduce={cfg.get('reduce')}, "
+    return (f"{spec.spec}: {result_title(result)}\ninit={cfg.get('init')}, reduce={cfg.get('reduce')}, "
             f"draws={cfg.get('draws')}, inputs/draw={cfg.get('n_inputs')}, method={cfg.get('method')}")
 
 
@@ -667,7 +667,7 @@ def cmd_study(args) -> Outcome:
 
 def cmd_analyze(args) -> Outcome:
     """Re-score a saved map (.npz result or a bare .npy of RepLKNet/OpenERF scripts) under a protocol."""
-    from erf.protocols import analyze
+    from erf.analyze import analyze
 
     summary, result = analyze(args.file, args.protocol)
     rows = [{"quantity": k, "value": v} for k, v in summary.items() if k not in ("metrics", "erf_metrics")]

@@ -72,9 +72,9 @@ def kaiming_init(model: nn.Module) -> nn.Module:
     """
     import torch
 
-    from erf._draws import _inside_pooling
+    from erf._draws import inside_pooling
 
-    skip = _inside_pooling(model)
+    skip = inside_pooling(model)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and id(m) not in skip:

@@ -104,15 +104,15 @@ def _pool(name: str) -> ModelSpec:
 
 
 def _stack(rest: str) -> ModelSpec:
-    from erf.nets import _ACTIVATIONS, conv_stack
+    from erf.nets import ACTIVATIONS, conv_stack
 
     parts = rest.split(":")
     if not re.fullmatch(r"[0-9]+", parts[0]) or int(parts[0]) < 1 or len(parts) > 2:
         raise ValueError(f"stack spec must be stack:N or stack:N:ACT with N a positive int, got 'stack:{rest}'")
     n = int(parts[0])
     act = parts[1] if len(parts) == 2 else None
-    if act is not None and act not in _ACTIVATIONS and act not in ("linear", "none"):
-        raise ValueError(f"stack activation must be one of {sorted(_ACTIVATIONS)} or linear, got {act!r}")
+    if act is not None and act not in ACTIVATIONS and act not in ("linear", "none"):
+        raise ValueError(f"stack activation must be one of {sorted(ACTIVATIONS)} or linear, got {act!r}")
     side = max(32, 2 * (2 * n + 1) + 1)
     return ModelSpec(f"stack:{rest}", "stack", (1, side, side),
                      lambda c: conv_stack(n, act=act, in_channels=c))
@@ -220,14 +220,14 @@ def with_weights(spec: ModelSpec, weights: str | os.PathLike, *, arg: str = "wei
     each build loads them strictly and carries the report as ``model.erf_weights``)."""
     import copy
 
-    from erf.weights import _timm_converters, apply_state_dict, read_state_dict
+    from erf.weights import timm_converters, apply_state_dict, read_state_dict
 
     state, report = read_state_dict(weights, arg=arg)
     build = spec.build
 
     def build_loaded(c: int) -> nn.Module:
         model = build(c)
-        apply_state_dict(model, state, copy.deepcopy(report), arg=arg, alternatives=_timm_converters(model))
+        apply_state_dict(model, state, copy.deepcopy(report), arg=arg, alternatives=timm_converters(model))
         return model
 
     return ModelSpec(f"{spec.spec}@{os.fspath(weights)}", spec.kind, spec.default_input_shape, build_loaded,

@@ -9,7 +9,7 @@ from typing import Callable
 
 from torch import nn
 
-_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": lambda: nn.ReLU(),
     "tanh": lambda: nn.Tanh(),
     "sigmoid": lambda: nn.Sigmoid(),
@@ -27,9 +27,9 @@ def make_activation(act: str | None) -> nn.Module | None:
         return None
     if not isinstance(act, str):
         raise TypeError(f"act must be a string or None, got {type(act).__name__}")
-    if act not in _ACTIVATIONS:
-        raise ValueError(f"act must be one of {sorted(_ACTIVATIONS)} or None, got {act!r}")
-    return _ACTIVATIONS[act]()
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {sorted(ACTIVATIONS)} or None, got {act!r}")
+    return ACTIVATIONS[act]()
 
 
 def conv_stack(n: int, k: int | tuple[int, ...] = 3, width: int = 1, act: str | None = None,

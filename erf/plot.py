@@ -59,7 +59,8 @@ def draw_fit_ellipses(ax, fit: Any, color: str = "cyan") -> None:
                 label=f"Gaussian fit {k}σ (σ fit {sig})" if k == 1 else f"Gaussian fit {k}σ")
 
 
-def _title(result) -> str:
+def result_title(result) -> str:
+    """The default figure title of a result: layer, unit, n, reduce and sigma (moments)."""
     parts = [result.layer or "output", f"unit {tuple(result.unit)}", f"n={result.n}"]
     try:
         m = result.moments
@@ -131,7 +132,7 @@ def plot_result(result, ax=None, log: bool = False, show_trf: bool = True, show_
         ax.set_xlabel("input position")
         ax.set_ylabel("mean |gradient|" if result.config.get("reduce") != "square" else "mean gradient²")
         ax.legend(fontsize=8)
-        ax.set_title(title or _title(result), fontsize=9)
+        ax.set_title(title or result_title(result), fontsize=9)
         return ax
     if data.ndim == 3:
         data = data[data.shape[0] // 2]
@@ -155,7 +156,7 @@ def plot_result(result, ax=None, log: bool = False, show_trf: bool = True, show_
             draw_fit_ellipses(ax, fit)
     ax.set_xlabel("column")
     ax.set_ylabel("row")
-    ax.set_title(title or _title(result), fontsize=9)
+    ax.set_title(title or result_title(result), fontsize=9)
     if ax.get_legend_handles_labels()[0]:  # below the axes: never over the map
         leg = ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False,
                         handlelength=2.2, columnspacing=1.0)
@@ -410,7 +411,7 @@ def map_figure(result, title: str | None = None):
         ax.set_title(f"centre {name} ({'row' if axis == 1 else 'column'} {idx})", fontsize=9)
         ax.legend(fontsize=7)
         ax.set_xlim(-0.5, prof.size - 0.5)
-    fig.suptitle(title or _title(result), fontsize=10)
+    fig.suptitle(title or result_title(result), fontsize=10)
     caption = provenance_caption(getattr(result, "meta", {}).get("provenance"), width=140)
     caption = ("σ moments: from second moments of the map; ellipses and σ fit: least-squares Gaussian fit"
                + ("\n" + caption if caption else ""))

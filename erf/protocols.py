@@ -200,7 +200,8 @@ def _same(a: Any, b: Any) -> bool:
 
 
 # ------------------------------------------------------------------------------ scoring
-def _as_2d(map: Any, name: str = "map") -> np.ndarray:
+def as_2d_map(map: Any, name: str = "map") -> np.ndarray:
+    """``map`` (an array or a result) as a 2-D numeric ndarray; a TypeError/ValueError names ``name``."""
     arr = np.asarray(getattr(map, "map", map))
     if arr.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be a numeric array, got dtype {arr.dtype}")
@@ -215,7 +216,7 @@ def _as_2d(map: Any, name: str = "map") -> np.ndarray:
 
 def replknet_scaled(map: Any) -> np.ndarray:
     """RepLKNet's display and metric map: ``A = log10(map + 1) / max(log10(map + 1))``, in the map's dtype."""
-    arr = _as_2d(map)
+    arr = as_2d_map(map)
     if np.any(arr < 0):
         raise ValueError("map has negative values; RepLKNet's maps are sums of ReLU gradients (non-negative)")
     a = np.log10(arr + 1)
@@ -234,7 +235,7 @@ def replknet_area_ratio(map: Any, thresholds: tuple[float, ...] = REPLKNET_THRES
     exceeds t (strict ``>``) gives ``{"side": 2i + 1, "ratio": (2i+1)/H * (2i+1)/W}``; None when no
     such square exists (the published script then fails to unpack).
     """
-    data = _as_2d(map) if scaled else replknet_scaled(map)
+    data = as_2d_map(map) if scaled else replknet_scaled(map)
     h, w = data.shape
     total = np.sum(data)
     out: dict[float, dict[str, float] | None] = {float(t): None for t in thresholds}
@@ -255,7 +256,7 @@ def openerf_metrics(map: Any, radii: tuple[int, ...] = OPENERF_RADII) -> dict[st
     ``center_value``, and ``radial_cumulative_mass[r]`` = the mass within Euclidean distance
     ``<= r`` of the centre, for each radius.
     """
-    arr = _as_2d(map).astype(np.float64)
+    arr = as_2d_map(map).astype(np.float64)
     total = float(arr.sum())
     if not total > 0:
         raise ValueError("map sums to zero or less: OpenERF's normalised map is undefined")
@@ -283,7 +284,7 @@ def protocol_map(map: Any, protocol: Any) -> np.ndarray:
         return replknet_scaled(map)
     arr = np.asarray(getattr(map, "map", map), dtype=np.float64)
     if proto.scaling == "sum1":
-        arr = _as_2d(arr)
+        arr = as_2d_map(arr)
         total = arr.sum()
         if not total > 0:
             raise ValueError("map sums to zero or less: OpenERF's normalised map is undefined")
@@ -396,76 +397,3 @@ def provenance(source: Any, protocol: Any = None, model: Any = None) -> dict[str
     return {"inputs": inputs, "protocol": name, "weights": weights,
             "versions": {"erf": __version__, "torch": _version("torch"), "torchvision": _version("torchvision"),
                          "timm": _version("timm"), "numpy": _version("numpy"), "pillow": _version("pillow")}}
-
-
-# ------------------------------------------------------------------------------ re-scoring saved maps
-def load_map(path: Any) -> tuple[Any, np.ndarray]:
-    """A saved map for re-scoring: ``(result, raw)``.
-
-    ``.npz`` written by :meth:`erf.ERFResult.save` gives the restored result and its map;
-    a bare ``.npy`` (RepLKNet's ``visualize_erf.py`` or OpenERF's saved matrix) gives a minimal
-    :class:`erf.ERFResult` around it and the array exactly as stored (RepLKNet's float32), so
-    :func:`replknet_area_ratio` on it equals ``analyze_erf.py`` on the same file.
-    """
-    import os
-
-    from erf.result import ERFResult, load
-
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"path: no such file {path!r}")
-    if path.endswith(".npz"):
-        result = load(path)
-        return result, np.asarray(result.map)
-    if not path.endswith(".npy"):
-        raise ValueError(f"path: {path!r} must be an erf result (.npz) or a bare map (.npy)")
-    try:
-        raw = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise ValueError(f"path: {path!r} is not a readable .npy array ({exc})") from None
-    raw = _as_2d(raw, name=f"the array in {os.path.basename(path)}")
-    h, w = raw.shape
-    mean = raw.astype(np.float64)
-    config = {"reduce": "relu" if raw.min() >= 0 else "mean", "protocol": None, "source_file": os.path.abspath(path)}
-    result = ERFResult(1, mean, np.zeros_like(mean), unit=(h // 2, w // 2), layer=os.path.basename(path),
-                       input_shape=(1, h, w), config=config,
-                       meta={"provenance": {"inputs": {"kind": f"saved map {os.path.basename(path)}", "n": None}}})
-    return result, raw
-
-
-def analyze(path: Any, protocol: Any = None) -> tuple[dict[str, Any], Any]:
-    """Re-score a saved map under a protocol's metrics: ``(summary, result)`` (``erf analyze FILE``).
-
-    ``protocol`` defaults to the one the result was made with (``.npz``), else none: the summary
-    then holds erf's own metrics (:func:`erf.metrics` around the array centre, raw map) and every
-    protocol's metrics that apply (RepLKNet's and OpenERF's need a non-negative 2-D map).
-    """
-    result, raw = load_map(path)
-    made = result.config.get("protocol")
-    made = made.get("name") if isinstance(made, dict) else made
-    name = get_protocol(protocol).name if protocol is not None else made
-    summary: dict[str, Any] = {"file": str(path), "shape": list(raw.shape), "dtype": str(raw.dtype),
-                               "made_with_protocol": made, "protocol": name}
-    arr64 = np.asarray(raw, dtype=np.float64)
-    if np.any(arr64 < 0):
-        if name in ("replknet", "openerf"):
-            raise ValueError(f"protocol {name!r} needs a non-negative map; {path} holds negative values (a signed "
-                             "'mean' map?): re-score it with --protocol luo2016 or without --protocol")
-        arr64 = np.abs(arr64)
-    if not arr64.any():
-        raise ValueError(f"{path}: the map is all zeros; nothing to score")
-    if raw.ndim == 2:
-        from erf.fit import metrics
-
-        met = metrics(arr64, center=tuple(n // 2 for n in arr64.shape))
-        summary["erf_metrics"] = {"erf_size": met["erf_size"], "mass_radius": met["mass_radius"],
-                                  "raw_area_ratio": met["area_ratio"], "anisotropy": met["anisotropy"]}
-    names = [name] if name else [n for n in ("replknet", "openerf") if raw.ndim == 2 and raw.min() >= 0]
-    summary["metrics"] = {n: score(raw if n != "luo2016" else result, n) for n in names}
-    if name:
-        cfg = dict(result.config)
-        cfg["protocol"] = {"name": name}
-        result.config = cfg
-    return summary, result

@@ -414,7 +414,7 @@ class EmpiricalTRF:
     input_shape: tuple
 
 
-_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
                 nn.Mish, nn.Hardswish, nn.Hardtanh, nn.Softplus, nn.Threshold, nn.RReLU, nn.LogSigmoid,
                 nn.Tanhshrink, nn.Hardshrink, nn.Softshrink)
 # squashing functions (gates) stay bounded, with a gradient that never vanishes: softsign
@@ -435,11 +435,11 @@ def _dense_max(orig: Callable, nd: int, adaptive: bool) -> Callable:
             names = ("kernel_size", "stride", "padding", "dilation")
             vals_ = dict(zip(names, args))
             vals_.update({k: v for k, v in kwargs.items() if k in names})
-            k = G._tup(vals_["kernel_size"], nd)
+            k = G.as_tuple(vals_["kernel_size"], nd)
             s = vals_.get("stride")
-            s = G._tup(s if s not in (None, [], ()) else k, nd)
-            p = G._tup(vals_.get("padding", 0), nd)
-            d = G._tup(vals_.get("dilation", 1), nd)
+            s = G.as_tuple(s if s not in (None, [], ()) else k, nd)
+            p = G.as_tuple(vals_.get("padding", 0), nd)
+            d = G.as_tuple(vals_.get("dilation", 1), nd)
             if all(v == 1 for v in d):
                 ceil = kwargs.get("ceil_mode", args[4] if len(args) > 4 else False)
                 dense = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[nd - 1](input, k, s, p, ceil_mode=ceil)
@@ -489,7 +489,7 @@ def _positive_copy(model: nn.Module, generator: torch.Generator, dtype: torch.dt
     m = safe_deepcopy(model, memo).eval()
     for mod in list(m.modules()):
         for name, child in list(mod.named_children()):
-            if isinstance(child, _ACTIVATIONS):
+            if isinstance(child, ACTIVATIONS):
                 setattr(mod, name, nn.Identity())
             elif isinstance(child, _SQUASH):
                 setattr(mod, name, nn.Softsign())
@@ -580,7 +580,7 @@ def empirical_trf(model: nn.Module | Callable[[], nn.Module], input_shape: Seque
         if hold_gates:
             for mod in m.modules():
                 gate = isinstance(mod, (nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)) \
-                    and all(v == 1 for v in G._tup(mod.output_size, 3) if v is not None)
+                    and all(v == 1 for v in G.as_tuple(mod.output_size, 3) if v is not None)
                 if hasattr(mod, "rf_rule"):
                     rule = mod.rf_rule()
                     gate = gate or (rule.is_global and rule.local is None)

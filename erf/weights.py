@@ -328,10 +328,10 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, key: str | None =
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     state, report = read_state_dict(path, key=key, arg="path")
-    return apply_state_dict(model, state, report, arg="path", alternatives=_timm_converters(model))
+    return apply_state_dict(model, state, report, arg="path", alternatives=timm_converters(model))
 
 
-def _timm_converters(model: nn.Module) -> list[tuple[str, Any]]:
+def timm_converters(model: nn.Module) -> list[tuple[str, Any]]:
     """timm's per-architecture ``checkpoint_filter_fn`` (the one its pretrained loader applies)."""
     import sys
 

@@ -111,7 +111,7 @@ def growth(depths: Sequence[int] = (8, 16, 32, 64), acts: Sequence[str] = ("line
 
     ``acts``: ``"linear"`` (uniform weights, exact) and/or activations of random N(0, 1/fan_in) stacks.
     """
-    from erf.nets import _ACTIVATIONS
+    from erf.nets import ACTIVATIONS
 
     depths = sorted({int(d) for d in depths})
     if len(depths) < 2 or depths[0] < 1:
@@ -120,8 +120,8 @@ def growth(depths: Sequence[int] = (8, 16, 32, 64), acts: Sequence[str] = ("line
     if not acts:
         raise ValueError(f"acts needs at least one of linear or an activation name, got {acts!r}")
     for a in acts:
-        if a != "linear" and a not in _ACTIVATIONS:
-            raise ValueError(f"acts: unknown activation {a!r}; valid: linear, {', '.join(sorted(_ACTIVATIONS))}")
+        if a != "linear" and a not in ACTIVATIONS:
+            raise ValueError(f"acts: unknown activation {a!r}; valid: linear, {', '.join(sorted(ACTIVATIONS))}")
     t0 = time.perf_counter()
     rows = []
     series: dict[str, dict[str, list[float]]] = {}
